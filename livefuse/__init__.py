@@ -1,0 +1,3 @@
+"""livefuse: real-time face-swap video service."""
+
+__version__ = "0.1.0"
