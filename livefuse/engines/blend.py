@@ -1,0 +1,94 @@
+"""Blending a rendered source face into the target frame so no seam shows.
+
+Three steps, all on the face's box only:
+- mask: the face oval with its top pulled down towards the brows (the source's hair
+  and hairline never come along), times the swapper's coverage (FaceMesh has no
+  triangles over the eye and mouth openings, so the target keeps its own eyes and
+  mouth interior: blinks and open mouths stay the target's), eroded and feathered in
+  proportion to the face's size;
+- colour: the rendered face takes the target's skin tone and lighting (Lab mean and
+  spread inside the mask, then the target's low-frequency shading);
+- alpha blend in place.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from livefuse.engines.swapper import face_axes
+from livefuse.engines.topology import MeshTopology
+
+# How much of the forehead above the brows the mask keeps (0: cut at the brows).
+FOREHEAD_KEEP = 0.35
+# Erosion and feather radius as fractions of the face size.
+ERODE_FRACTION = 0.03
+FEATHER_FRACTION = 0.045
+
+
+def mask_outline(points: np.ndarray, topology: MeshTopology) -> np.ndarray:
+    """The face oval (frame xy) with the part above the brows pulled down towards them."""
+    axes = face_axes(points, topology)
+    centre = points.mean(axis=0)
+    oval = (points[topology.face_oval] - centre) @ axes.T
+    brow_height = float(((points[topology.brows] - centre) @ axes[1]).mean())
+    above = oval[:, 1] > brow_height
+    oval[above, 1] = brow_height + (oval[above, 1] - brow_height) * FOREHEAD_KEEP
+    return (oval @ axes + centre)[:, :2].astype(np.float32)
+
+
+def face_mask(
+    points: np.ndarray,
+    topology: MeshTopology,
+    coverage: np.ndarray,
+    box: tuple[int, int, int, int],
+    face_size: float,
+) -> np.ndarray:
+    """Feathered 0..1 float32 alpha over the box."""
+    x1, y1, x2, y2 = box
+    outline = mask_outline(points, topology) - (x1, y1)
+    mask = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
+    cv2.fillPoly(mask, [np.round(outline * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    mask = cv2.min(mask, (coverage * 255).astype(np.uint8))
+    erode = max(1, round(face_size * ERODE_FRACTION))
+    mask = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode + 1,) * 2))
+    sigma = max(1.0, face_size * FEATHER_FRACTION)
+    alpha = cv2.GaussianBlur(mask.astype(np.float32) * np.float32(1 / 255), (0, 0), sigma)
+    # Blurring lets the alpha bleed past the hard mask by about a sigma; pull it back in so
+    # the feather lies inside the face, never over hair or background.
+    return np.clip(alpha * 2 - 1, 0.0, 1.0)
+
+
+def match_colour(
+    rendered: np.ndarray, target: np.ndarray, mask: np.ndarray, face_size: float
+) -> np.ndarray:
+    """Give the rendered face the target's skin tone and lighting, inside `mask`."""
+    weights = mask > 0.5
+    if np.count_nonzero(weights) < 16:
+        return rendered
+    rendered_lab = cv2.cvtColor(rendered, cv2.COLOR_BGR2LAB).astype(np.float32)
+    target_lab = cv2.cvtColor(target, cv2.COLOR_BGR2LAB).astype(np.float32)
+    src_pixels, dst_pixels = rendered_lab[weights], target_lab[weights]
+    src_mean, src_std = src_pixels.mean(axis=0), src_pixels.std(axis=0) + 1e-3
+    dst_mean, dst_std = dst_pixels.mean(axis=0), dst_pixels.std(axis=0) + 1e-3
+    # Limit the spread change: a flat-lit target must not flatten the source's features.
+    gain = np.clip(dst_std / src_std, 0.6, 1.6)
+    matched = (rendered_lab - src_mean) * gain + dst_mean
+
+    # Directional light (one cheek brighter) is low-frequency: carry the target's
+    # lightness field over by the ratio of heavily blurred lightness maps, measured
+    # inside the mask only (normalised convolution) so the background does not leak in.
+    sigma = max(2.0, face_size * 0.12)
+    inside = weights.astype(np.float32)
+    density = cv2.GaussianBlur(inside, (0, 0), sigma) + 1e-4
+    target_light = cv2.GaussianBlur(target_lab[..., 0] * inside, (0, 0), sigma) / density
+    source_light = cv2.GaussianBlur(matched[..., 0] * inside, (0, 0), sigma) / density
+    matched[..., 0] += np.clip(target_light - source_light, -40, 40)
+    return cv2.cvtColor(np.clip(matched, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
+
+
+def alpha_blend(region: np.ndarray, rendered: np.ndarray, alpha: np.ndarray) -> None:
+    """region <- region * (1 - alpha) + rendered * alpha, in place."""
+    a = alpha[..., None]
+    blended = region.astype(np.float32) * (1 - a) + rendered.astype(np.float32) * a
+    np.copyto(region, np.clip(blended + 0.5, 0, 255).astype(np.uint8))

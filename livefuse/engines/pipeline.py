@@ -1,0 +1,142 @@
+"""The face pipeline on one image: find faces, fit their meshes, swap, blend.
+
+The real-time path (stream/) calls the same pieces stage by stage; this class is the
+per-image composition used by `livefuse swap` and as the reference the stream matches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from livefuse.engines.blend import alpha_blend, face_mask, match_colour
+from livefuse.engines.detector import CenterFaceDetector
+from livefuse.engines.landmarks import FaceMeshLandmarker, FaceRegion
+from livefuse.engines.swapper import MeshSwapper, SourceFace
+from livefuse.engines.types import FaceMesh
+
+FaceSelection = Literal["all", "largest"]
+# Faces smaller than this (pixels) carry too little detail to fit a mesh reliably.
+MIN_FACE_SIZE = 16
+# Margin around the landmark box that the blend may touch, as a fraction of face size.
+_BOX_MARGIN = 0.08
+
+
+class NoFaceError(ValueError):
+    """The image has no face the pipeline can use."""
+
+
+@dataclass
+class StageTimer:
+    """Accumulates wall time per named stage (milliseconds)."""
+
+    totals_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, stage: str, started: float, items: int = 1) -> None:
+        self.totals_ms[stage] += (time.perf_counter() - started) * 1000
+        self.counts[stage] += items
+
+    def per_item_ms(self) -> dict[str, float]:
+        return {k: self.totals_ms[k] / max(1, self.counts[k]) for k in self.totals_ms}
+
+
+@dataclass(frozen=True)
+class PreparedSource:
+    face: SourceFace
+    faces_in_image: int
+
+
+class FacePipeline:
+    def __init__(
+        self,
+        *,
+        detector: CenterFaceDetector,
+        landmarker: FaceMeshLandmarker,
+        swapper: MeshSwapper,
+        detection_size: int = 640,
+        timer: StageTimer | None = None,
+    ) -> None:
+        self.detector = detector
+        self.landmarker = landmarker
+        self.swapper = swapper
+        self.detection_size = detection_size
+        self.timer = timer or StageTimer()
+
+    def find_faces(self, image_bgr: np.ndarray) -> list[FaceMesh]:
+        """Meshes of the faces in a still image, largest first.
+
+        The detector's box only roughly frames a face the way FaceMesh expects, so the
+        mesh is fitted twice: once from the detection, once from its own first estimate
+        (what tracking does frame to frame in a video).
+        """
+        started = time.perf_counter()
+        detections = self.detector.detect(image_bgr, max_side=self.detection_size)
+        detections = [d for d in detections if max(d.width, d.height) >= MIN_FACE_SIZE]
+        self.timer.add("detect", started)
+        if not detections:
+            return []
+        started = time.perf_counter()
+        regions = [FaceRegion.from_detection(d) for d in detections]
+        meshes = self.landmarker.landmarks(image_bgr, regions)
+        meshes = self.landmarker.landmarks(
+            image_bgr, [FaceRegion.from_points(m.points) for m in meshes]
+        )
+        self.timer.add("landmarks", started, len(meshes))
+        kept = [m for m in meshes if m.presence >= self.landmarker.presence_threshold]
+        return sorted(kept, key=lambda m: -m.size)
+
+    def prepare_source(self, image_bgr: np.ndarray) -> PreparedSource:
+        meshes = self.find_faces(image_bgr)
+        if not meshes:
+            raise NoFaceError("no face found in the source image")
+        started = time.perf_counter()
+        face = self.swapper.prepare_source(image_bgr, meshes[0])
+        self.timer.add("prepare_source", started)
+        return PreparedSource(face=face, faces_in_image=len(meshes))
+
+    def swap_faces(
+        self,
+        frame_bgr: np.ndarray,
+        source: SourceFace,
+        meshes: list[FaceMesh],
+        *,
+        faces: FaceSelection = "all",
+    ) -> np.ndarray:
+        """A copy of the frame with the given faces replaced by the source."""
+        output = frame_bgr.copy()
+        chosen = meshes if faces == "all" else sorted(meshes, key=lambda m: -m.size)[:1]
+        for mesh in chosen:
+            self.swap_face_in_place(output, source, mesh)
+        return output
+
+    def swap_face_in_place(self, frame_bgr: np.ndarray, source: SourceFace, mesh: FaceMesh) -> None:
+        box = face_box(mesh, frame_bgr.shape[:2])
+        if box is None:
+            return
+        x1, y1, x2, y2 = box
+        started = time.perf_counter()
+        rendered, coverage = self.swapper.warp(source, mesh.points, box)
+        self.timer.add("swap", started)
+        started = time.perf_counter()
+        region = frame_bgr[y1:y2, x1:x2]
+        alpha = face_mask(mesh.points, self.swapper.topology, coverage, box, mesh.size)
+        rendered = match_colour(rendered, region, alpha, mesh.size)
+        alpha_blend(region, rendered, alpha)
+        self.timer.add("blend", started)
+
+
+def face_box(mesh: FaceMesh, frame_shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The mesh's pixel box plus a margin, clipped to the frame; None if off-frame."""
+    height, width = frame_shape
+    margin = mesh.size * _BOX_MARGIN
+    x1, y1, x2, y2 = mesh.box
+    bx1, by1 = max(0, int(np.floor(x1 - margin))), max(0, int(np.floor(y1 - margin)))
+    bx2, by2 = min(width, int(np.ceil(x2 + margin))), min(height, int(np.ceil(y2 + margin)))
+    if bx2 - bx1 < 2 or by2 - by1 < 2:
+        return None
+    return bx1, by1, bx2, by2

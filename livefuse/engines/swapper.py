@@ -1,0 +1,225 @@
+"""The `mesh` swapper: the source face's texture carried onto the target's FaceMesh.
+
+The source is prepared once. Its mesh is turned to face the camera, giving a frontal
+layout (`uv`) for the 468 points; the source photo is unwrapped into a texture `atlas`
+in that layout. Wherever the source photo shows a triangle badly (turned away,
+foreshortened, hidden behind the nose) the atlas takes the mirrored triangle from the
+other side of the face instead: FaceMesh is left/right symmetric, so flipping the
+frontal atlas about its midline swaps the two sides.
+
+Per target face, every pixel of the face's box is mapped through its target triangle
+into the atlas (see `raster`), nearest triangles winning, so the hidden side of a
+turned face never smears over the visible one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from livefuse.engines.raster import (
+    rasterize_ids,
+    signed_areas,
+    source_coordinates,
+    triangle_affines,
+)
+from livefuse.engines.topology import CHIN, FOREHEAD, MeshTopology
+from livefuse.engines.types import FaceMesh
+
+ATLAS_SIZE = 256
+_ATLAS_MARGIN = 8
+
+
+def face_axes(points: np.ndarray, topology: MeshTopology) -> np.ndarray:
+    """Rows: the face's left-right, up and towards-camera axes in frame coordinates.
+
+    Left-right comes from the mirrored eye/brow pairs, up from chin to forehead, so the
+    estimate is the face's own symmetry rather than a fitted head model.
+    """
+    left, right = topology.mirror_pairs[:, 0], topology.mirror_pairs[:, 1]
+    lateral = (points[left] - points[right]).mean(axis=0)
+    lateral /= np.linalg.norm(lateral)
+    vertical = points[FOREHEAD] - points[CHIN]
+    vertical -= lateral * float(vertical @ lateral)
+    vertical /= np.linalg.norm(vertical)
+    towards = np.cross(lateral, vertical)
+    return np.stack([lateral, vertical, towards]).astype(np.float32)
+
+
+# Eye openness (opening area over eye width squared, measured face-on) below which an
+# eye counts as closed, and above which as fully open; an open eye reads about 0.2.
+EYE_CLOSED, EYE_OPEN = 0.07, 0.13
+
+
+def eye_open_weights(points: np.ndarray, topology: MeshTopology) -> np.ndarray:
+    """Per eye (image left, image right), 0 when closed to 1 when open."""
+    frontal = (points - points.mean(axis=0)) @ face_axes(points, topology).T
+    weights = []
+    for loop, fan in zip(topology.eye_loops, topology.eye_triangles, strict=True):
+        area = abs(float(signed_areas(frontal[:, :2], fan).sum())) / 2
+        width = float(np.ptp(frontal[loop, 0]))
+        openness = area / max(width * width, 1e-6)
+        weights.append((openness - EYE_CLOSED) / (EYE_OPEN - EYE_CLOSED))
+    return np.clip(np.asarray(weights, dtype=np.float32), 0.0, 1.0)
+
+
+def draw_order(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """Triangles far to near (FaceMesh's z grows away from the camera)."""
+    depth = points[triangles, 2].mean(axis=1)
+    return np.argsort(-depth, kind="stable")
+
+
+@dataclass(frozen=True)
+class SourceFace:
+    """A source identity ready to be swapped in: texture atlas plus its layout."""
+
+    atlas: np.ndarray  # (ATLAS_SIZE, ATLAS_SIZE, 3) uint8 BGR
+    uv: np.ndarray  # (468, 2) float32 atlas coordinates of each mesh point
+    frontal: np.ndarray  # (468, 3) the source's shape, turned to face the camera
+    eyes_open: np.ndarray  # (2,) 0..1 per eye: can the source's eyes be shown at all
+    mesh: FaceMesh
+
+
+class MeshSwapper:
+    def __init__(self, topology: MeshTopology) -> None:
+        self.topology = topology
+        # The mesh's own triangles, then one fan over each eye opening (see `warp`).
+        left_eye, right_eye = topology.eye_triangles
+        self.triangles = np.concatenate([topology.triangles, left_eye, right_eye])
+        mesh_count = len(topology.triangles)
+        self._eye_ranges = (
+            (mesh_count, mesh_count + len(left_eye)),
+            (mesh_count + len(left_eye), len(self.triangles)),
+        )
+
+    def prepare_source(self, image_bgr: np.ndarray, mesh: FaceMesh) -> SourceFace:
+        topology = self.topology
+        points = mesh.points
+        axes = face_axes(points, topology)
+        centred = points - points.mean(axis=0)
+        # Frontal shape: x to the subject's left, y up, z towards the camera.
+        frontal = centred @ axes.T
+        # Centre the layout on the midline so flipping the atlas swaps left and right.
+        left, right = topology.mirror_pairs[:, 0], topology.mirror_pairs[:, 1]
+        midline = float((frontal[left, 0] + frontal[right, 0]).mean() / 2)
+        u = frontal[:, 0] - midline
+        v = -frontal[:, 1]
+        half_extent = max(np.abs(u).max(), np.abs(v - v.mean()).max())
+        scale = (ATLAS_SIZE / 2 - _ATLAS_MARGIN) / half_extent
+        uv = np.stack(
+            [u * scale + ATLAS_SIZE / 2, (v - v.mean()) * scale + ATLAS_SIZE / 2], axis=1
+        ).astype(np.float32)
+
+        triangles = self.triangles
+        atlas_order = np.argsort(frontal[triangles, 2].mean(axis=1), kind="stable")
+        atlas_ids = rasterize_ids(uv, triangles, atlas_order, (ATLAS_SIZE, ATLAS_SIZE))
+        affines = triangle_affines(uv, points[:, :2], triangles)
+        map_x, map_y = source_coordinates(atlas_ids, affines)
+        atlas = cv2.remap(image_bgr, map_x, map_y, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+        # Extend the face's own colours past its outline: a target pixel at the edge of the
+        # mesh samples a little outside it, and the mirrored atlas does not share the
+        # outline exactly, so whatever lies there must look like skin, not background.
+        outside = (atlas_ids < 0).astype(np.uint8)
+        outside = cv2.dilate(outside, np.ones((3, 3), np.uint8))
+        atlas = cv2.inpaint(atlas, outside, 3, cv2.INPAINT_TELEA)
+
+        visibility = self._source_visibility(points, uv, image_bgr.shape[:2])
+        visible_map = np.where(atlas_ids >= 0, visibility[np.maximum(atlas_ids, 0)], 0.0)
+        visible_map = cv2.GaussianBlur(visible_map.astype(np.float32), (0, 0), 3)
+        mirrored_visible = cv2.flip(visible_map, 1)
+        # Take the mirror where it is seen clearly better than the triangle itself.
+        use_mirror = np.clip((mirrored_visible - visible_map) * 2.5, 0.0, 1.0)[..., None]
+        mirrored = cv2.flip(atlas, 1)
+        completed = atlas * (1 - use_mirror) + mirrored * use_mirror
+        return SourceFace(
+            atlas=np.clip(completed, 0, 255).astype(np.uint8),
+            uv=uv,
+            frontal=frontal.astype(np.float32),
+            eyes_open=eye_open_weights(points, topology),
+            mesh=mesh,
+        )
+
+    def _source_visibility(
+        self, points: np.ndarray, uv: np.ndarray, image_shape: tuple[int, int]
+    ) -> np.ndarray:
+        """Per triangle, 0..1: how well the source photo shows it.
+
+        Foreshortening is the ratio of its area in the photo to its frontal area
+        (negative when it faces away); occlusion is the share of its pixels that survive
+        nearer triangles in a depth-ordered fill of the photo.
+        """
+        triangles = self.triangles
+        photo_area = signed_areas(points[:, :2], triangles)
+        frontal_area = signed_areas(uv, triangles)
+        ratio = photo_area / np.where(np.abs(frontal_area) > 1e-6, frontal_area, 1e-6)
+        ratio /= np.median(ratio[ratio > 0]) if np.any(ratio > 0) else 1.0
+        foreshortening = np.clip(ratio, 0.0, 1.0)
+
+        x1, y1 = np.floor(points[:, :2].min(axis=0)).astype(int)
+        x2, y2 = np.ceil(points[:, :2].max(axis=0)).astype(int) + 1
+        local = points[:, :2] - (x1, y1)
+        ids = rasterize_ids(local, triangles, draw_order(points, triangles), (y2 - y1, x2 - x1))
+        pixel_counts = np.bincount(ids[ids >= 0], minlength=len(triangles))
+        expected = np.maximum(np.abs(photo_area) / 2, 1.0)
+        unoccluded = np.clip(pixel_counts / expected, 0.0, 1.0)
+        # Tiny triangles rasterise to few pixels whatever their visibility: trust the
+        # foreshortening for those.
+        unoccluded = np.where(expected < 4, 1.0, unoccluded)
+        return (foreshortening * unoccluded).astype(np.float32)
+
+    def transfer_shape(
+        self, source: SourceFace, target_points: np.ndarray, strength: float
+    ) -> np.ndarray:
+        """Target points moved towards the source's face shape, in the target's pose.
+
+        Identity lives in geometry as much as in texture (eye spacing, nose length, jaw),
+        so the source's frontal shape is scaled to the target, turned into the target's
+        pose, and the target's points move `strength` of the way to it. The eye and mouth
+        openings move as rigid groups: where they sit is identity, how open they are is
+        the target's expression and stays.
+        """
+        if strength <= 0:
+            return target_points
+        axes = face_axes(target_points, self.topology)
+        centre = target_points.mean(axis=0)
+        target_frontal = (target_points - centre) @ axes.T
+        source_frontal = source.frontal - source.frontal.mean(axis=0)
+        scale = float((target_frontal * source_frontal).sum() / (source_frontal**2).sum())
+        displacement = (source_frontal * scale - target_frontal) * strength
+        for group in self.topology.expression_groups:
+            displacement[group] = displacement[group].mean(axis=0)
+        return ((target_frontal + displacement) @ axes + centre).astype(np.float32)
+
+    def warp(
+        self, source: SourceFace, target_points: np.ndarray, box: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Render the source face onto `target_points` over the frame box (x1, y1, x2, y2).
+
+        Returns the rendered BGR patch and a 0..1 float32 coverage map of the same size.
+        Triangles facing away from the camera are skipped: nearer ones cover them. The
+        source's eyes cover the target's only while both are open, fading out as the
+        target blinks; a closing eye shows the target's own lids, never a squashed eye.
+        """
+        triangles = self.triangles
+        x1, y1, x2, y2 = box
+        local = target_points[:, :2] - (x1, y1)
+        areas = signed_areas(local, triangles)
+        frontal_areas = signed_areas(source.uv, triangles)
+        drawn = np.sign(areas) == np.sign(frontal_areas)
+        eye_weights = eye_open_weights(target_points, self.topology) * source.eyes_open
+        triangle_weight = np.ones(len(triangles), dtype=np.float32)
+        for (start, stop), weight in zip(self._eye_ranges, eye_weights, strict=True):
+            triangle_weight[start:stop] = weight
+        drawn &= triangle_weight > 0
+        order = draw_order(target_points, triangles)
+        order = order[drawn[order]]
+        ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1))
+        affines = triangle_affines(local, source.uv, triangles)
+        map_x, map_y = source_coordinates(ids, affines)
+        patch = cv2.remap(source.atlas, map_x, map_y, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+        coverage = np.where(ids >= 0, triangle_weight[np.maximum(ids, 0)], 0.0)
+        return patch, coverage.astype(np.float32)
