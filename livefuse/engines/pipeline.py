@@ -59,12 +59,14 @@ class FacePipeline:
         landmarker: FaceMeshLandmarker,
         swapper: MeshSwapper,
         detection_size: int = 640,
+        shape_strength: float = 0.9,
         timer: StageTimer | None = None,
     ) -> None:
         self.detector = detector
         self.landmarker = landmarker
         self.swapper = swapper
         self.detection_size = detection_size
+        self.shape_strength = shape_strength
         self.timer = timer or StageTimer()
 
     def find_faces(self, image_bgr: np.ndarray) -> list[FaceMesh]:
@@ -115,16 +117,17 @@ class FacePipeline:
         return output
 
     def swap_face_in_place(self, frame_bgr: np.ndarray, source: SourceFace, mesh: FaceMesh) -> None:
-        box = face_box(mesh, frame_bgr.shape[:2])
+        started = time.perf_counter()
+        points = self.swapper.transfer_shape(source, mesh.points, self.shape_strength)
+        box = face_box(FaceMesh(points=points, presence=mesh.presence), frame_bgr.shape[:2])
         if box is None:
             return
         x1, y1, x2, y2 = box
-        started = time.perf_counter()
-        rendered, coverage = self.swapper.warp(source, mesh.points, box)
+        rendered, coverage = self.swapper.warp(source, points, box)
         self.timer.add("swap", started)
         started = time.perf_counter()
         region = frame_bgr[y1:y2, x1:x2]
-        alpha = face_mask(mesh.points, self.swapper.topology, coverage, box, mesh.size)
+        alpha = face_mask(points, self.swapper.topology, coverage, box, mesh.size)
         rendered = match_colour(rendered, region, alpha, mesh.size)
         alpha_blend(region, rendered, alpha)
         self.timer.add("blend", started)

@@ -30,6 +30,9 @@ from livefuse.engines.types import FaceMesh
 
 ATLAS_SIZE = 256
 _ATLAS_MARGIN = 8
+# Source visibility (0..1, see `_source_visibility`) under which a triangle's texture is
+# not used at all, and above which it is used fully.
+_POOR_TEXTURE, _GOOD_TEXTURE = 0.12, 0.4
 
 
 def face_axes(points: np.ndarray, topology: MeshTopology) -> np.ndarray:
@@ -65,6 +68,44 @@ def eye_open_weights(points: np.ndarray, topology: MeshTopology) -> np.ndarray:
     return np.clip(np.asarray(weights, dtype=np.float32), 0.0, 1.0)
 
 
+# Cheek points (subject's right, left) where the skin colour is sampled.
+_CHEEKS = (50, 280)
+
+
+def forehead_skin(atlas: np.ndarray, uv: np.ndarray, topology: MeshTopology) -> np.ndarray:
+    """0..1 map of the atlas: 0 where the forehead shows something other than skin.
+
+    Skin colour is learnt from the cheeks (mean and spread in Lab); above the brows a
+    pixel far from it, or much darker (a fringe of hair), is not skin. Below the brows
+    everything counts as skin: brows, eyes and lips are meant to come from the source.
+    """
+    lab = cv2.cvtColor(atlas, cv2.COLOR_BGR2LAB).astype(np.float32)
+    radius = ATLAS_SIZE * 0.05
+    ys, xs = np.mgrid[0:ATLAS_SIZE, 0:ATLAS_SIZE].astype(np.float32)
+    near_cheek = np.zeros((ATLAS_SIZE, ATLAS_SIZE), dtype=bool)
+    for point in _CHEEKS:
+        near_cheek |= (xs - uv[point, 0]) ** 2 + (ys - uv[point, 1]) ** 2 < radius**2
+    samples = lab[near_cheek]
+    mean, spread = samples.mean(axis=0), samples.std(axis=0) + np.float32(4.0)
+    distance = np.abs(lab - mean) / spread
+    chroma_far = np.hypot(distance[..., 1], distance[..., 2]) > 3.5
+    darker = (mean[0] - lab[..., 0]) / spread[0] > 2.5
+    not_skin = (chroma_far | darker).astype(np.uint8)
+    # Only the forehead band is judged: from a little above the brows up.
+    brow_top = float(uv[topology.brows, 1].min())
+    not_skin[int(max(0, brow_top - ATLAS_SIZE * 0.01)):] = 0
+    # Close small gaps between hair strands, then soften the edge.
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+    not_skin = cv2.morphologyEx(not_skin, cv2.MORPH_CLOSE, kernel)
+    not_skin = cv2.dilate(not_skin, kernel)
+    # Everything above a hair pixel in the same column is hair or beyond it, too.
+    not_skin = np.flipud(np.maximum.accumulate(np.flipud(not_skin), axis=0))
+    skin = 1.0 - not_skin.astype(np.float32)
+    # A wide soft edge: where the source's hairline ends, the target's own forehead takes
+    # over, and the two skins must meet gradually.
+    return cv2.GaussianBlur(skin, (0, 0), ATLAS_SIZE * 0.03)
+
+
 def draw_order(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     """Triangles far to near (FaceMesh's z grows away from the camera)."""
     depth = points[triangles, 2].mean(axis=1)
@@ -76,6 +117,10 @@ class SourceFace:
     """A source identity ready to be swapped in: texture atlas plus its layout."""
 
     atlas: np.ndarray  # (ATLAS_SIZE, ATLAS_SIZE, 3) uint8 BGR
+    # 0..1 per atlas pixel: how much of it may be shown. Zero where the source photo had
+    # nothing good to give (hair over the forehead; the rim of the face, seen edge-on on
+    # both sides): the target keeps its own skin there.
+    usable: np.ndarray  # (ATLAS_SIZE, ATLAS_SIZE) float32
     uv: np.ndarray  # (468, 2) float32 atlas coordinates of each mesh point
     frontal: np.ndarray  # (468, 3) the source's shape, turned to face the camera
     eyes_open: np.ndarray  # (2,) 0..1 per eye: can the source's eyes be shown at all
@@ -134,8 +179,12 @@ class MeshSwapper:
         use_mirror = np.clip((mirrored_visible - visible_map) * 2.5, 0.0, 1.0)[..., None]
         mirrored = cv2.flip(atlas, 1)
         completed = atlas * (1 - use_mirror) + mirrored * use_mirror
+        atlas = np.clip(completed, 0, 255).astype(np.uint8)
+        best_seen = np.maximum(visible_map, mirrored_visible)
+        quality = np.clip((best_seen - _POOR_TEXTURE) / (_GOOD_TEXTURE - _POOR_TEXTURE), 0, 1)
         return SourceFace(
-            atlas=np.clip(completed, 0, 255).astype(np.uint8),
+            atlas=atlas,
+            usable=forehead_skin(atlas, uv, topology) * quality,
             uv=uv,
             frontal=frontal.astype(np.float32),
             eyes_open=eye_open_weights(points, topology),
@@ -222,4 +271,6 @@ class MeshSwapper:
         patch = cv2.remap(source.atlas, map_x, map_y, cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REPLICATE)
         coverage = np.where(ids >= 0, triangle_weight[np.maximum(ids, 0)], 0.0)
+        coverage *= cv2.remap(source.usable, map_x, map_y, cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         return patch, coverage.astype(np.float32)
