@@ -540,9 +540,13 @@ def _free_batch_dimension(model: onnx.ModelProto) -> None:
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    """ONNX Runtime warns about each weight no node reads; leave none."""
+    """ONNX Runtime warns about each weight no node reads; leave none.
+
+    The rest are sorted by name: tflite2onnx emits them in set order, and a stable order
+    makes the produced file the same bytes on every pull.
+    """
     used = {name for node in graph.node for name in node.input}
-    kept = [i for i in graph.initializer if i.name in used]
+    kept = sorted((i for i in graph.initializer if i.name in used), key=lambda i: i.name)
     del graph.initializer[:]
     graph.initializer.extend(kept)
 
