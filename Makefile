@@ -15,7 +15,9 @@ INSTALL_STAMP := $(VENV)/.install-stamp
 install: $(INSTALL_STAMP) models fixtures
 
 $(INSTALL_STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "could not create $(VENV) with $(PYTHON): on Debian's python3.11, apt-get install python3.11-venv"; \
+	  exit 1; }
 	$(BIN)/python -m pip install --disable-pip-version-check --quiet -e '.[dev]'
 	touch $@
 

@@ -18,6 +18,9 @@ def _default_home() -> Path:
 
 
 def _default_threads() -> int:
+    # The CPUs this process may run on (a container's or CI's cpuset), not the host's count.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
 
 
