@@ -75,11 +75,12 @@ def face_mask(
     """Feathered 0..1 float32 alpha over the box."""
     x1, y1, x2, y2 = box
     outline = mask_outline(points, topology) - (x1, y1)
-    mask = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
-    cv2.fillPoly(mask, [np.round(outline * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-    mask = cv2.min(mask, (coverage * forehead_ramp(points, topology, box) * 255).astype(np.uint8))
+    outline_mask = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
+    cv2.fillPoly(outline_mask, [np.round(outline * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    allowed = (coverage * forehead_ramp(points, topology, box) * 255).astype(np.uint8)
     erode = max(1, round(face_size * ERODE_FRACTION))
-    mask = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode + 1,) * 2))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode + 1,) * 2)
+    mask: np.ndarray = cv2.erode(cv2.min(outline_mask, allowed), kernel)
     sigma = max(1.0, face_size * FEATHER_FRACTION)
     alpha = cv2.GaussianBlur(mask.astype(np.float32) * np.float32(1 / 255), (0, 0), sigma)
     # Blurring lets the alpha bleed past the hard mask by about a sigma; pull it back in so

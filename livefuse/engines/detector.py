@@ -78,8 +78,13 @@ class CenterFaceDetector:
         boxes = np.stack([x1, y1, x1 + box_w, y1 + box_h], axis=1)
         # Keypoints come as (y, x) pairs relative to the box's top-left, in box units.
         kp = keypoints[:, rows, cols].T.reshape(-1, 5, 2)
-        kp_xy = np.stack([kp[:, :, 1] * box_w[:, None] + x1[:, None],
-                          kp[:, :, 0] * box_h[:, None] + y1[:, None]], axis=2)
+        kp_xy = np.stack(
+            [
+                kp[:, :, 1] * box_w[:, None] + x1[:, None],
+                kp[:, :, 0] * box_h[:, None] + y1[:, None],
+            ],
+            axis=2,
+        )
 
         keep = cv2.dnn.NMSBoxes(
             [[float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])] for b in boxes],

@@ -16,7 +16,10 @@ import numpy as np
 from livefuse.engines.blend import alpha_blend, face_mask, match_colour
 from livefuse.engines.detector import CenterFaceDetector
 from livefuse.engines.landmarks import FaceMeshLandmarker, FaceRegion
+from livefuse.engines.runtime import OnnxRuntimeEngine
+from livefuse.engines.store import ModelStore
 from livefuse.engines.swapper import MeshSwapper, SourceFace
+from livefuse.engines.topology import MeshTopology
 from livefuse.engines.types import FaceMesh
 
 FaceSelection = Literal["all", "largest"]
@@ -52,6 +55,16 @@ class PreparedSource:
 
 
 class FacePipeline:
+    @classmethod
+    def from_store(cls, store: ModelStore, *, threads: int, **options: object) -> FacePipeline:
+        """The embedded default models from the cache; ModelError if one is missing."""
+        detector = CenterFaceDetector(OnnxRuntimeEngine(store.path("centerface"), threads=threads))
+        landmarker = FaceMeshLandmarker(
+            OnnxRuntimeEngine(store.path("face_landmark"), threads=threads)
+        )
+        swapper = MeshSwapper(MeshTopology.load(store.path("facemesh_topology")))
+        return cls(detector=detector, landmarker=landmarker, swapper=swapper, **options)  # type: ignore[arg-type]
+
     def __init__(
         self,
         *,

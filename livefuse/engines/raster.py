@@ -36,8 +36,9 @@ def rasterize_ids(
     fixed = np.round(xy * _SUBPIXEL).astype(np.int32)
     corners = fixed[triangles]  # (T, 3, 2)
     for index in draw_order:
-        cv2.fillConvexPoly(ids, corners[index], int(index), lineType=cv2.LINE_8,
-                           shift=_SUBPIXEL_BITS)
+        cv2.fillConvexPoly(
+            ids, corners[index], int(index), lineType=cv2.LINE_8, shift=_SUBPIXEL_BITS
+        )
     return ids
 
 

@@ -93,7 +93,7 @@ def forehead_skin(atlas: np.ndarray, uv: np.ndarray, topology: MeshTopology) -> 
     not_skin = (chroma_far | darker).astype(np.uint8)
     # Only the forehead band is judged: from a little above the brows up.
     brow_top = float(uv[topology.brows, 1].min())
-    not_skin[int(max(0, brow_top - ATLAS_SIZE * 0.01)):] = 0
+    not_skin[int(max(0, brow_top - ATLAS_SIZE * 0.01)) :] = 0
     # Close small gaps between hair strands, then soften the edge.
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
     not_skin = cv2.morphologyEx(not_skin, cv2.MORPH_CLOSE, kernel)
@@ -162,13 +162,13 @@ class MeshSwapper:
         atlas_ids = rasterize_ids(uv, triangles, atlas_order, (ATLAS_SIZE, ATLAS_SIZE))
         affines = triangle_affines(uv, points[:, :2], triangles)
         map_x, map_y = source_coordinates(atlas_ids, affines)
-        atlas = cv2.remap(image_bgr, map_x, map_y, cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
+        atlas = cv2.remap(
+            image_bgr, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
         # Extend the face's own colours past its outline: a target pixel at the edge of the
         # mesh samples a little outside it, and the mirrored atlas does not share the
         # outline exactly, so whatever lies there must look like skin, not background.
-        outside = (atlas_ids < 0).astype(np.uint8)
-        outside = cv2.dilate(outside, np.ones((3, 3), np.uint8))
+        outside = cv2.dilate((atlas_ids < 0).astype(np.uint8), np.ones((3, 3), np.uint8))
         atlas = cv2.inpaint(atlas, outside, 3, cv2.INPAINT_TELEA)
 
         visibility = self._source_visibility(points, uv, image_bgr.shape[:2])
@@ -268,9 +268,16 @@ class MeshSwapper:
         ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1))
         affines = triangle_affines(local, source.uv, triangles)
         map_x, map_y = source_coordinates(ids, affines)
-        patch = cv2.remap(source.atlas, map_x, map_y, cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
+        patch = cv2.remap(
+            source.atlas, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
         coverage = np.where(ids >= 0, triangle_weight[np.maximum(ids, 0)], 0.0)
-        coverage *= cv2.remap(source.usable, map_x, map_y, cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        coverage *= cv2.remap(
+            source.usable,
+            map_x,
+            map_y,
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
         return patch, coverage.astype(np.float32)

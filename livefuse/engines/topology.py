@@ -74,9 +74,7 @@ class MeshTopology:
         """
         fans = []
         for loop in self.eye_loops:
-            fans.append(
-                np.stack([np.full(len(loop) - 2, loop[0]), loop[1:-1], loop[2:]], axis=1)
-            )
+            fans.append(np.stack([np.full(len(loop) - 2, loop[0]), loop[1:-1], loop[2:]], axis=1))
         return fans[0].astype(np.int32), fans[1].astype(np.int32)
 
     @property
@@ -95,7 +93,7 @@ class MeshTopology:
         outer = next(loop for loop in lips if 61 in loop)
         inner = next(loop for loop in lips if 61 not in loop)
         # The LEFT/RIGHT tables list mirrored edges in the same order: pair them up.
-        pairs = []
+        pairs: list[tuple[int, int]] = []
         for left_name, right_name in (("left_eye", "right_eye"), ("left_eyebrow", "right_eyebrow")):
             for left_edge, right_edge in zip(
                 connections[left_name], connections[right_name], strict=True

@@ -1,0 +1,181 @@
+"""The face pipeline on real photos with the real embedded models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from livefuse.engines.blend import face_mask
+from livefuse.engines.landmarks import FaceRegion
+from livefuse.engines.pipeline import FacePipeline, NoFaceError, face_box
+from livefuse.engines.raster import rasterize_ids, source_coordinates, triangle_affines
+from livefuse.engines.store import ModelStore
+from livefuse.engines.swapper import eye_open_weights
+from livefuse.settings import Settings
+
+# Hand-checked on the photos: centres of each face in t1.jpg (the six people around the
+# table) and the astronaut's eyes, in pixels.
+T1_FACE_CENTRES = [(114, 332), (322, 211), (518, 340), (796, 412), (956, 133), (1180, 333)]
+ASTRONAUT_EYES = [(203, 102), (247, 105)]
+
+
+@pytest.fixture(scope="module")
+def pipeline(settings: Settings) -> FacePipeline:
+    return FacePipeline.from_store(ModelStore(settings.models_dir), threads=2)
+
+
+def test_detector_finds_the_astronaut_with_her_eyes(pipeline, astronaut_bgr):
+    detections = pipeline.detector.detect(astronaut_bgr)
+    assert len(detections) == 1
+    face = detections[0]
+    assert face.score > 0.8
+    x1, y1, x2, y2 = face.box
+    assert 170 < x1 < 195 and 45 < y1 < 75 and 255 < x2 < 285 and 165 < y2 < 195
+    for found, expected in zip(face.keypoints[:2], ASTRONAUT_EYES, strict=True):
+        assert np.linalg.norm(found - expected) < 6
+
+
+def test_detector_finds_all_six_people_at_any_size(pipeline, group_bgr):
+    for max_side in (320, 640, 1280):
+        detections = pipeline.detector.detect(group_bgr, max_side=max_side)
+        centres = np.array([(d.box[:2] + d.box[2:]) / 2 for d in detections])
+        assert len(detections) == 6, max_side
+        for expected in T1_FACE_CENTRES:
+            assert np.min(np.linalg.norm(centres - expected, axis=1)) < 25, (max_side, expected)
+
+
+def test_detector_on_a_faceless_image_finds_nothing(pipeline):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 255, (360, 480, 3), dtype=np.uint8)
+    assert pipeline.detector.detect(noise) == []
+    assert pipeline.find_faces(np.full((64, 64, 3), 128, np.uint8)) == []
+
+
+def test_landmarks_lie_on_each_face(pipeline, group_bgr):
+    detections = pipeline.detector.detect(group_bgr)
+    meshes = pipeline.landmarker.landmarks(
+        group_bgr, [FaceRegion.from_detection(d) for d in detections]
+    )
+    assert len(meshes) == 6
+    for detection, mesh in zip(detections, meshes, strict=True):
+        assert mesh.points.shape == (468, 3)
+        assert mesh.presence > 0.9
+        x1, y1, x2, y2 = detection.box
+        margin = 0.15 * detection.width
+        xy = mesh.points[:, :2]
+        inside = (
+            (xy[:, 0] > x1 - margin)
+            & (xy[:, 0] < x2 + margin)
+            & (xy[:, 1] > y1 - margin)
+            & (xy[:, 1] < y2 + margin)
+        )
+        assert inside.mean() > 0.98
+        # The mesh's eye corners agree with the detector's eye keypoints.
+        eye_centres = [xy[[33, 133]].mean(axis=0), xy[[362, 263]].mean(axis=0)]
+        for eye, keypoint in zip(eye_centres, detection.keypoints[:2], strict=True):
+            assert np.linalg.norm(eye - keypoint) < 0.12 * detection.width
+
+
+def test_landmarks_follow_a_rolled_face(pipeline, astronaut_bgr):
+    import cv2
+
+    upright = pipeline.find_faces(astronaut_bgr)[0]
+    centre = (256.0, 256.0)
+    rotation = cv2.getRotationMatrix2D(centre, 25, 1.0)
+    rolled_image = cv2.warpAffine(astronaut_bgr, rotation, (512, 512))
+    rolled = pipeline.find_faces(rolled_image)
+    assert len(rolled) == 1
+    expected = upright.points[:, :2] @ rotation[:, :2].T + rotation[:, 2]
+    error = np.linalg.norm(rolled[0].points[:, :2] - expected, axis=1)
+    assert np.median(error) < 3.0
+
+
+def test_swap_changes_the_face_and_nothing_outside_it(pipeline, astronaut_bgr, group_bgr):
+    source = pipeline.prepare_source(group_bgr)
+    assert source.faces_in_image == 6
+    mesh = pipeline.find_faces(astronaut_bgr)[0]
+    swapped = pipeline.swap_faces(astronaut_bgr, source.face, [mesh])
+
+    points = pipeline.swapper.transfer_shape(source.face, mesh.points, pipeline.shape_strength)
+    from livefuse.engines.types import FaceMesh
+
+    box = face_box(FaceMesh(points=points, presence=1.0), astronaut_bgr.shape[:2])
+    assert box is not None
+    x1, y1, x2, y2 = box
+    _, coverage = pipeline.swapper.warp(source.face, points, box)
+    alpha = face_mask(points, pipeline.swapper.topology, coverage, box, mesh.size)
+
+    changed = np.any(swapped != astronaut_bgr, axis=2)
+    outside = np.ones(changed.shape, dtype=bool)
+    outside[y1:y2, x1:x2] = alpha <= 0
+    assert not changed[outside].any(), "pixels outside the mask changed"
+    inside = changed[y1:y2, x1:x2][alpha > 0.5]
+    assert inside.mean() > 0.9, "the face was barely touched"
+    # Never a black or broken face: the swapped face is as bright as the original's.
+    face_after = swapped[y1:y2, x1:x2][alpha > 0.5].astype(float).mean()
+    face_before = astronaut_bgr[y1:y2, x1:x2][alpha > 0.5].astype(float).mean()
+    assert abs(face_after - face_before) < 25
+
+
+def test_swapped_face_reads_as_the_source_to_an_independent_recogniser(
+    pipeline, astronaut_bgr, group_bgr
+):
+    from tests.identity import DlibRecognizer
+
+    recogniser = DlibRecognizer(use_cnn=False)
+    source_descriptor = recogniser.descriptors(astronaut_bgr)[0][1]
+    source = pipeline.prepare_source(astronaut_bgr).face
+    meshes = pipeline.find_faces(group_bgr)
+    swapped = pipeline.swap_faces(group_bgr, source, meshes)
+    nearer = 0
+    for mesh in meshes:
+        box = tuple(int(v) for v in mesh.box)
+        before = recogniser.descriptor_at(group_bgr, box)
+        after = recogniser.descriptor_at(swapped, box)
+        assert before is not None and after is not None
+        if recogniser.distance(after, source_descriptor) < recogniser.distance(
+            before, source_descriptor
+        ):
+            nearer += 1
+    assert nearer == len(meshes)
+
+
+def test_source_without_a_face_is_refused(pipeline):
+    with pytest.raises(NoFaceError):
+        pipeline.prepare_source(np.full((240, 320, 3), 200, np.uint8))
+
+
+def test_blinking_eye_shows_the_targets_own_lids(pipeline, astronaut_bgr):
+    mesh = pipeline.find_faces(astronaut_bgr)[0]
+    assert np.all(eye_open_weights(mesh.points, pipeline.swapper.topology) == 1.0)
+    closed = mesh.points.copy()
+    for loop in pipeline.swapper.topology.eye_loops:
+        # Collapse each eye opening onto the line between its corners: a blink.
+        corners = closed[[loop[1], loop[9]]]
+        t = np.linspace(0, 1, len(loop))[:, None]
+        closed[loop, :2] = corners[0, :2] * (1 - t) + corners[1, :2] * t
+    assert np.all(eye_open_weights(closed, pipeline.swapper.topology) == 0.0)
+
+
+def test_triangle_affines_map_vertices_exactly():
+    rng = np.random.default_rng(1)
+    dst = rng.uniform(0, 100, (30, 2)).astype(np.float32)
+    src = rng.uniform(0, 100, (30, 2)).astype(np.float32)
+    triangles = np.array([[i, i + 1, i + 2] for i in range(0, 27, 3)], dtype=np.int32)
+    affines = triangle_affines(dst, src, triangles)
+    for triangle, affine in zip(triangles, affines, strict=True):
+        mapped = dst[triangle] @ affine[:, :2].T + affine[:, 2]
+        np.testing.assert_allclose(mapped, src[triangle], atol=1e-3)
+
+
+def test_nearer_triangle_hides_the_farther_one():
+    xy = np.array([[0, 0], [40, 0], [0, 40], [5, 5], [45, 5], [5, 45]], dtype=np.float32)
+    triangles = np.array([[0, 1, 2], [3, 4, 5]], dtype=np.int32)
+    ids = rasterize_ids(xy, triangles, np.array([1, 0]), (50, 50))
+    assert ids[10, 10] == 0  # drawn last: in front
+    assert ids[30, 12] == 1  # only the other triangle there
+    assert ids[49, 49] == -1
+    affines = triangle_affines(xy, xy * 2, triangles)
+    map_x, map_y = source_coordinates(ids, affines)
+    assert map_x[10, 10] == pytest.approx(20) and map_y[10, 12] == pytest.approx(20)
+    assert map_x[49, 49] == -1
