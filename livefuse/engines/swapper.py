@@ -70,14 +70,20 @@ def eye_open_weights(points: np.ndarray, topology: MeshTopology) -> np.ndarray:
 
 # Cheek points (subject's right, left) where the skin colour is sampled.
 _CHEEKS = (50, 280)
+_NOSE_TIP = 1
 
 
-def forehead_skin(atlas: np.ndarray, uv: np.ndarray, topology: MeshTopology) -> np.ndarray:
-    """0..1 map of the atlas: 0 where the forehead shows something other than skin.
+def source_skin(
+    atlas: np.ndarray, face_area: np.ndarray, uv: np.ndarray, topology: MeshTopology
+) -> np.ndarray:
+    """0..1 map of the atlas: 0 where the source photo shows something other than skin.
 
-    Skin colour is learnt from the cheeks (mean and spread in Lab); above the brows a
-    pixel far from it, or much darker (a fringe of hair), is not skin. Below the brows
-    everything counts as skin: brows, eyes and lips are meant to come from the source.
+    Skin colour is learnt from the cheeks (mean and spread in Lab). Outside the features
+    (brows, eyes, lips and what lies between them, which are meant to come from the
+    source), a pixel far from that colour, much darker (hair) or much brighter (a bright
+    background past the cheek's edge) is not skin. Hair over the temples and forehead
+    and background along the rim would otherwise be carried onto the target, and a
+    turned target shows the rim large.
     """
     lab = cv2.cvtColor(atlas, cv2.COLOR_BGR2LAB).astype(np.float32)
     radius = ATLAS_SIZE * 0.05
@@ -87,22 +93,41 @@ def forehead_skin(atlas: np.ndarray, uv: np.ndarray, topology: MeshTopology) -> 
         near_cheek |= (xs - uv[point, 0]) ** 2 + (ys - uv[point, 1]) ** 2 < radius**2
     samples = lab[near_cheek]
     mean, spread = samples.mean(axis=0), samples.std(axis=0) + np.float32(4.0)
-    distance = np.abs(lab - mean) / spread
-    chroma_far = np.hypot(distance[..., 1], distance[..., 2]) > 3.5
-    darker = (mean[0] - lab[..., 0]) / spread[0] > 2.5
-    not_skin = (chroma_far | darker).astype(np.uint8)
-    # Only the forehead band is judged: from a little above the brows up.
-    brow_top = float(uv[topology.brows, 1].min())
-    not_skin[int(max(0, brow_top - ATLAS_SIZE * 0.01)) :] = 0
-    # Close small gaps between hair strands, then soften the edge.
+    distance = (lab - mean) / spread
+    chroma_far = np.hypot(distance[..., 1], distance[..., 2]) > 4.5
+    darker = -distance[..., 0] > 3.5
+    brighter = distance[..., 0] > 4.0
+    not_skin = (chroma_far | darker | brighter).astype(np.uint8)
+
+    features = np.concatenate(
+        [topology.brows, topology.eye_loops[0], topology.eye_loops[1], topology.outer_lips]
+    )
+    feature_area = np.zeros((ATLAS_SIZE, ATLAS_SIZE), dtype=np.uint8)
+    hull = cv2.convexHull(np.round(uv[features]).astype(np.int32))
+    cv2.fillConvexPoly(feature_area, hull, 1)
+    grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
+    feature_area = cv2.dilate(feature_area, grow)
+    not_skin[feature_area > 0] = 0
+    # Below the forehead only the rim along the sides is judged, down to the nose tip:
+    # that is where hair and background lie; lower down, stubble and shadows are the
+    # source's own face and must come along.
+    inside = cv2.dilate((face_area).astype(np.uint8), grow)
+    from_edge = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
+    brow_top = int(max(0.0, float(uv[topology.brows, 1].min()) - ATLAS_SIZE * 0.01))
+    nose_tip_row = int(uv[_NOSE_TIP, 1])
+    rim = from_edge < ATLAS_SIZE * 0.08
+    rim[nose_tip_row:] = False
+    rim[:brow_top] = True
+    not_skin[~rim] = 0
+    # Close small gaps between hair strands, then grow a little past the hair's edge.
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
-    not_skin = cv2.morphologyEx(not_skin, cv2.MORPH_CLOSE, kernel)
-    not_skin = cv2.dilate(not_skin, kernel)
-    # Everything above a hair pixel in the same column is hair or beyond it, too.
-    not_skin = np.flipud(np.maximum.accumulate(np.flipud(not_skin), axis=0))
+    not_skin = cv2.dilate(cv2.morphologyEx(not_skin, cv2.MORPH_CLOSE, kernel), kernel)
+    # Over the forehead, everything above a hair pixel in its column is hair or beyond.
+    forehead = not_skin[:brow_top]
+    not_skin[:brow_top] = np.flipud(np.maximum.accumulate(np.flipud(forehead), axis=0))
     skin = 1.0 - not_skin.astype(np.float32)
-    # A wide soft edge: where the source's hairline ends, the target's own forehead takes
-    # over, and the two skins must meet gradually.
+    # A wide soft edge: where the source's usable skin ends, the target's own skin takes
+    # over, and the two must meet gradually.
     return cv2.GaussianBlur(skin, (0, 0), ATLAS_SIZE * 0.03)
 
 
@@ -184,7 +209,7 @@ class MeshSwapper:
         quality = np.clip((best_seen - _POOR_TEXTURE) / (_GOOD_TEXTURE - _POOR_TEXTURE), 0, 1)
         return SourceFace(
             atlas=atlas,
-            usable=forehead_skin(atlas, uv, topology) * quality,
+            usable=source_skin(atlas, atlas_ids >= 0, uv, topology) * quality,
             uv=uv,
             frontal=frontal.astype(np.float32),
             eyes_open=eye_open_weights(points, topology),
