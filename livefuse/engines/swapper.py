@@ -102,16 +102,14 @@ def source_skin(
     features = np.concatenate(
         [topology.brows, topology.eye_loops[0], topology.eye_loops[1], topology.outer_lips]
     )
-    feature_area = np.zeros((ATLAS_SIZE, ATLAS_SIZE), dtype=np.uint8)
-    hull = cv2.convexHull(np.round(uv[features]).astype(np.int32))
-    cv2.fillConvexPoly(feature_area, hull, 1)
+    feature_hull = np.zeros((ATLAS_SIZE, ATLAS_SIZE), dtype=np.uint8)
+    cv2.fillConvexPoly(feature_hull, cv2.convexHull(np.round(uv[features]).astype(np.int32)), 1)
     grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
-    feature_area = cv2.dilate(feature_area, grow)
-    not_skin[feature_area > 0] = 0
+    not_skin[cv2.dilate(feature_hull, grow) > 0] = 0
     # Below the forehead only the rim along the sides is judged, down to the nose tip:
     # that is where hair and background lie; lower down, stubble and shadows are the
     # source's own face and must come along.
-    inside = cv2.dilate((face_area).astype(np.uint8), grow)
+    inside = cv2.dilate(face_area.astype(np.uint8), grow)
     from_edge = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
     brow_top = int(max(0.0, float(uv[topology.brows, 1].min()) - ATLAS_SIZE * 0.01))
     nose_tip_row = int(uv[_NOSE_TIP, 1])
