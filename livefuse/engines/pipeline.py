@@ -136,6 +136,7 @@ class FacePipeline:
         if box is None:
             return
         x1, y1, x2, y2 = box
+        self.swapper.reshape_target(frame_bgr, mesh.points, points)
         rendered, coverage = self.swapper.warp(source, points, box)
         self.timer.add("swap", started)
         started = time.perf_counter()

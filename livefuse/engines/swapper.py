@@ -25,7 +25,7 @@ from livefuse.engines.raster import (
     source_coordinates,
     triangle_affines,
 )
-from livefuse.engines.topology import CHIN, FOREHEAD, MeshTopology
+from livefuse.engines.topology import CHIN, FOREHEAD, NUM_POINTS, MeshTopology
 from livefuse.engines.types import FaceMesh
 
 ATLAS_SIZE = 256
@@ -33,6 +33,12 @@ _ATLAS_MARGIN = 8
 # Source visibility (0..1, see `_source_visibility`) under which a triangle's texture is
 # not used at all, and above which it is used fully.
 _POOR_TEXTURE, _GOOD_TEXTURE = 0.12, 0.4
+# The ring around the face that stays put while the target's face is reshaped, as a
+# scale of the face oval about its centre.
+_RESHAPE_RING = 1.35
+# Sideways component of the face's towards-camera axis (sine of the yaw) up to which the
+# shape transfer applies fully, and from which it is off.
+_RESHAPE_YAW_FULL, _RESHAPE_YAW_OFF = 0.3, 0.55
 
 
 def face_axes(points: np.ndarray, topology: MeshTopology) -> np.ndarray:
@@ -157,6 +163,21 @@ class MeshSwapper:
         left_eye, right_eye = topology.eye_triangles
         self.triangles = np.concatenate([topology.triangles, left_eye, right_eye])
         mesh_count = len(topology.triangles)
+        # For reshaping the target: the mesh, its eye fans and a fan over the mouth
+        # opening, then a band of triangles between the face oval and a ring around it
+        # (ring point i is vertex 468 + i).
+        mouth = topology.inner_lips
+        mouth_fan = np.stack([np.full(len(mouth) - 2, mouth[0]), mouth[1:-1], mouth[2:]], axis=1)
+        oval = topology.face_oval
+        ring = NUM_POINTS + np.arange(len(oval))
+        following = np.roll(np.arange(len(oval)), -1)
+        band = np.concatenate(
+            [
+                np.stack([oval, oval[following], ring], axis=1),
+                np.stack([oval[following], ring[following], ring], axis=1),
+            ]
+        )
+        self._reshape_triangles = np.concatenate([self.triangles, mouth_fan, band]).astype(np.int32)
         self._eye_ranges = (
             (mesh_count, mesh_count + len(left_eye)),
             (mesh_count + len(left_eye), len(self.triangles)),
@@ -240,7 +261,16 @@ class MeshSwapper:
         # Tiny triangles rasterise to few pixels whatever their visibility: trust the
         # foreshortening for those.
         unoccluded = np.where(expected < 4, 1.0, unoccluded)
-        return (foreshortening * unoccluded).astype(np.float32)
+        # A triangle reaching past the photo's edge has no texture there at all.
+        height, width = image_shape
+        vertex_inside = (
+            (points[:, 0] >= 0)
+            & (points[:, 0] <= width - 1)
+            & (points[:, 1] >= 0)
+            & (points[:, 1] <= height - 1)
+        )
+        in_photo = vertex_inside[triangles].all(axis=1)
+        return (foreshortening * unoccluded * in_photo).astype(np.float32)
 
     def transfer_shape(
         self, source: SourceFace, target_points: np.ndarray, strength: float
@@ -253,9 +283,16 @@ class MeshSwapper:
         openings move as rigid groups: where they sit is identity, how open they are is
         the target's expression and stays.
         """
+        axes = face_axes(target_points, self.topology)
+        # A turned face's far-side outline runs inside its silhouette (the nose and lips
+        # stick out past it), so reshaping it would drag them along: fade the transfer
+        # out as the face turns away.
+        yaw = abs(float(axes[2, 0]))
+        strength *= float(
+            np.clip((_RESHAPE_YAW_OFF - yaw) / (_RESHAPE_YAW_OFF - _RESHAPE_YAW_FULL), 0, 1)
+        )
         if strength <= 0:
             return target_points
-        axes = face_axes(target_points, self.topology)
         centre = target_points.mean(axis=0)
         target_frontal = (target_points - centre) @ axes.T
         source_frontal = source.frontal - source.frontal.mean(axis=0)
@@ -264,6 +301,47 @@ class MeshSwapper:
         for group in self.topology.expression_groups:
             displacement[group] = displacement[group].mean(axis=0)
         return ((target_frontal + displacement) @ axes + centre).astype(np.float32)
+
+    def reshape_target(
+        self,
+        frame_bgr: np.ndarray,
+        original: np.ndarray,
+        moved: np.ndarray,
+    ) -> None:
+        """Move the target's own pixels from its mesh to the moved mesh, in place.
+
+        After `transfer_shape` the source is rendered on the moved mesh, but wherever the
+        target still shows (its eyes and mouth seen through the openings, the jaw line
+        and cheeks around the mask) it must follow: otherwise the target's eyes sit beside
+        the openings and its old jaw line stays. A band out to a fixed ring around the
+        face absorbs the motion, so nothing moves beyond it.
+        """
+        height, width = frame_bgr.shape[:2]
+        oval = self.topology.face_oval
+        centre = original[oval, :2].mean(axis=0)
+        ring = centre + (original[oval, :2] - centre) * _RESHAPE_RING
+        source_xy = np.concatenate([original[:, :2], ring]).astype(np.float32)
+        dest_xy = np.concatenate([moved[:, :2], ring]).astype(np.float32)
+        x1, y1 = np.floor(np.minimum(source_xy.min(axis=0), dest_xy.min(axis=0))).astype(int)
+        x2, y2 = np.ceil(np.maximum(source_xy.max(axis=0), dest_xy.max(axis=0))).astype(int) + 1
+        x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
+        if x2 - x1 < 2 or y2 - y1 < 2:
+            return
+        triangles = self._reshape_triangles
+        local = dest_xy - (x1, y1)
+        # The band lies behind the face; the face's own triangles nearest last.
+        order = np.concatenate(
+            [np.arange(len(self.triangles), len(triangles)), draw_order(moved, self.triangles)]
+        )
+        ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1))
+        affines = triangle_affines(local, source_xy, triangles)
+        map_x, map_y = source_coordinates(ids, affines)
+        covered = ids >= 0
+        # The maps hold frame coordinates: sample the whole frame, then write the box.
+        moved_pixels = cv2.remap(
+            frame_bgr, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        frame_bgr[y1:y2, x1:x2][covered] = moved_pixels[covered]
 
     def warp(
         self, source: SourceFace, target_points: np.ndarray, box: tuple[int, int, int, int]

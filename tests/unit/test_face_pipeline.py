@@ -94,16 +94,20 @@ def test_swap_changes_the_face_and_nothing_outside_it(pipeline, astronaut_bgr, g
     source = pipeline.prepare_source(group_bgr)
     assert source.faces_in_image == 6
     mesh = pipeline.find_faces(astronaut_bgr)[0]
-    swapped = pipeline.swap_faces(astronaut_bgr, source.face, [mesh])
+    # With the shape transfer off, the target's pixels only change under the blend mask.
+    rigid = FacePipeline(
+        detector=pipeline.detector,
+        landmarker=pipeline.landmarker,
+        swapper=pipeline.swapper,
+        shape_strength=0.0,
+    )
+    swapped = rigid.swap_faces(astronaut_bgr, source.face, [mesh])
 
-    points = pipeline.swapper.transfer_shape(source.face, mesh.points, pipeline.shape_strength)
-    from livefuse.engines.types import FaceMesh
-
-    box = face_box(FaceMesh(points=points, presence=1.0), astronaut_bgr.shape[:2])
+    box = face_box(mesh, astronaut_bgr.shape[:2])
     assert box is not None
     x1, y1, x2, y2 = box
-    _, coverage = pipeline.swapper.warp(source.face, points, box)
-    alpha = face_mask(points, pipeline.swapper.topology, coverage, box, mesh.size)
+    _, coverage = pipeline.swapper.warp(source.face, mesh.points, box)
+    alpha = face_mask(mesh.points, pipeline.swapper.topology, coverage, box, mesh.size)
 
     changed = np.any(swapped != astronaut_bgr, axis=2)
     outside = np.ones(changed.shape, dtype=bool)
@@ -115,6 +119,26 @@ def test_swap_changes_the_face_and_nothing_outside_it(pipeline, astronaut_bgr, g
     face_after = swapped[y1:y2, x1:x2][alpha > 0.5].astype(float).mean()
     face_before = astronaut_bgr[y1:y2, x1:x2][alpha > 0.5].astype(float).mean()
     assert abs(face_after - face_before) < 25
+
+
+def test_reshaping_stays_inside_the_ring_around_the_face(pipeline, astronaut_bgr, group_bgr):
+    import cv2
+
+    source = pipeline.prepare_source(group_bgr).face
+    mesh = pipeline.find_faces(astronaut_bgr)[0]
+    moved = pipeline.swapper.transfer_shape(source, mesh.points, 1.0)
+    assert np.abs(moved - mesh.points).max() > 1.0, "a frontal face should be reshaped"
+    reshaped = astronaut_bgr.copy()
+    pipeline.swapper.reshape_target(reshaped, mesh.points, moved)
+
+    oval = mesh.points[pipeline.swapper.topology.face_oval, :2]
+    centre = oval.mean(axis=0)
+    ring = centre + (oval - centre) * 1.4
+    inside_ring = np.zeros(astronaut_bgr.shape[:2], np.uint8)
+    cv2.fillPoly(inside_ring, [np.round(ring).astype(np.int32)], 1)
+    changed = np.any(reshaped != astronaut_bgr, axis=2)
+    assert changed.any()
+    assert not changed[inside_ring == 0].any(), "reshaping moved pixels far from the face"
 
 
 def test_swapped_face_reads_as_the_source_to_an_independent_recogniser(
