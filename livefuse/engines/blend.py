@@ -100,8 +100,10 @@ def match_colour(
     src_pixels, dst_pixels = rendered_lab[weights], target_lab[weights]
     src_mean, src_std = src_pixels.mean(axis=0), src_pixels.std(axis=0) + 1e-3
     dst_mean, dst_std = dst_pixels.mean(axis=0), dst_pixels.std(axis=0) + 1e-3
-    # Limit the spread change: a flat-lit target must not flatten the source's features.
-    gain = np.clip(dst_std / src_std, 0.6, 1.6) ** SPREAD_MATCH
+    # Limit the lightness spread change: a flat-lit target must not flatten the source's
+    # features. Colour spread may go to nothing: a grayscale target gets a grayscale face.
+    lowest = np.array([0.6, 0.0, 0.0], dtype=np.float32)
+    gain = np.clip(dst_std / src_std, lowest, 1.6) ** SPREAD_MATCH
     # Tone and spread can be matched partly (identity lives in skin tone too); matching
     # fully measured as well with dlib and hides the seam best, so that is the default.
     matched = (rendered_lab - src_mean) * gain + src_mean + (dst_mean - src_mean) * TONE_MATCH
