@@ -25,7 +25,7 @@ from livefuse.engines.raster import (
     source_coordinates,
     triangle_affines,
 )
-from livefuse.engines.topology import CHIN, FOREHEAD, NUM_POINTS, MeshTopology
+from livefuse.engines.topology import CHIN, FOREHEAD, NUM_POINTS, MeshTopology, fan_triangles
 from livefuse.engines.types import FaceMesh
 
 ATLAS_SIZE = 256
@@ -166,8 +166,7 @@ class MeshSwapper:
         # For reshaping the target: the mesh, its eye fans and a fan over the mouth
         # opening, then a band of triangles between the face oval and a ring around it
         # (ring point i is vertex 468 + i).
-        mouth = topology.inner_lips
-        mouth_fan = np.stack([np.full(len(mouth) - 2, mouth[0]), mouth[1:-1], mouth[2:]], axis=1)
+        mouth_fan = fan_triangles(topology.inner_lips)
         oval = topology.face_oval
         ring = NUM_POINTS + np.arange(len(oval))
         following = np.roll(np.arange(len(oval)), -1)

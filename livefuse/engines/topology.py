@@ -35,6 +35,13 @@ def _ordered_loop(edges: list[tuple[int, int]]) -> np.ndarray:
     return np.asarray(loop, dtype=np.int32)
 
 
+def fan_triangles(loop: np.ndarray) -> np.ndarray:
+    """Triangles covering a convex-ish opening, fanned out from its first point."""
+    return np.stack([np.full(len(loop) - 2, loop[0]), loop[1:-1], loop[2:]], axis=1).astype(
+        np.int32
+    )
+
+
 def _split_loops(edges: list[tuple[int, int]]) -> list[np.ndarray]:
     """Separate a set of edges into its closed loops (the lips have an outer and inner one)."""
     remaining = set(map(tuple, edges))
@@ -70,12 +77,9 @@ class MeshTopology:
     def eye_triangles(self) -> tuple[np.ndarray, np.ndarray]:
         """Triangles over each eye opening, which FaceMesh leaves as a hole.
 
-        A fan from the eye's outer corner; the opening is convex enough for that.
+        A fan from one point of the eye's loop; the opening is convex enough for that.
         """
-        fans = []
-        for loop in self.eye_loops:
-            fans.append(np.stack([np.full(len(loop) - 2, loop[0]), loop[1:-1], loop[2:]], axis=1))
-        return fans[0].astype(np.int32), fans[1].astype(np.int32)
+        return fan_triangles(self.eye_loops[0]), fan_triangles(self.eye_loops[1])
 
     @property
     def expression_groups(self) -> tuple[np.ndarray, ...]:
