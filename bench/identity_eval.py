@@ -24,15 +24,12 @@ itself), and how far apart targets and sources are before any swap (they are dif
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,6 +41,9 @@ import cv2
 import numpy as np
 from skimage import data as skimage_data
 
+from livefuse.engines.store import sha256_file
+from livefuse.settings import Settings
+from tests.fixtures import INSIGHTFACE_IMAGES, fetch_insightface_images
 from tests.identity import (
     SAME_PERSON_THRESHOLD,
     Box,
@@ -52,15 +52,6 @@ from tests.identity import (
     FaceMatch,
     Image,
 )
-
-INSIGHTFACE_REQUIREMENT: Final = "insightface==2.1"
-INSIGHTFACE_SDIST_SHA256: Final = "776cbd36b70f5f2ae1a026101cfb80387f0b2280a0dbaf073f8d3ed69f554e01"
-INSIGHTFACE_IMAGES_DIR: Final = "insightface-2.1/insightface/data/images"
-# Pinned by content: the fixture step's copies in $LIVEFUSE_HOME/testdata must be these bytes.
-TESTDATA_SHA256: Final = {
-    "t1.jpg": "47f682e945b659f93a9e490b9c9c4a2a864abe64dace9e1a2893845ddfd69489",
-    "Tom_Hanks_54745.png": "8545da294e8c7c79911169c3915fed8528f1960cd0ed99b92453788ca4275083",
-}
 
 PORTRAIT_SIZE: Final = 256  # every identity's image; its face is then ~128 px wide
 SMALL_FACE_PX: Final = 50
@@ -83,71 +74,32 @@ UNCHANGED_MEAN_ABS_DIFF: Final = 2.0
 # -- the photos ---------------------------------------------------------------------------------
 
 
-def testdata_dir() -> Path:
-    home = os.environ.get("LIVEFUSE_HOME") or "~/.cache/livefuse"
-    return Path(home).expanduser() / "testdata"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _decode(data: bytes, name: str) -> Image:
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+def _decode(path: Path) -> Image:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
-        raise RuntimeError(f"cannot decode {name}")
+        raise RuntimeError(f"cannot decode {path}")
     return image
 
 
-def _cached_testdata() -> dict[str, bytes] | None:
-    """The fixture step's copies, if all are there with the pinned contents."""
-    found: dict[str, bytes] = {}
-    for name, digest in TESTDATA_SHA256.items():
-        path = testdata_dir() / name
-        if not path.is_file():
-            return None
-        content = path.read_bytes()
-        if _sha256(content) != digest:
+def load_photos() -> dict[str, Image]:
+    """astronaut, t1 and hanks as BGR images.
+
+    The insightface images come from the fixture step's copies in the settings' testdata
+    directory; missing or altered ones are fetched again from the pinned sdist there.
+    """
+    testdata = Settings().testdata_dir
+    for image in INSIGHTFACE_IMAGES:
+        path = testdata / image.filename
+        if path.is_file() and sha256_file(path) != image.sha256:
             print(
                 f"warning: {path} does not match its pinned sha256; fetching the sdist instead",
                 file=sys.stderr,
             )
-            return None
-        found[name] = content
-    return found
-
-
-def _fetch_testdata(workdir: Path) -> dict[str, bytes]:
-    """Download the pinned insightface sdist with pip and read the images out of it."""
-    dest = workdir / "sdist"
-    dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:all:"]
-        + [INSIGHTFACE_REQUIREMENT, "--dest", str(dest)],
-        check=True,
-    )
-    sdist = dest / "insightface-2.1.tar.gz"
-    if _sha256(sdist.read_bytes()) != INSIGHTFACE_SDIST_SHA256:
-        raise RuntimeError(f"{sdist} does not match its pinned sha256")
-    found: dict[str, bytes] = {}
-    with tarfile.open(sdist) as tar:
-        for name, digest in TESTDATA_SHA256.items():
-            member = tar.extractfile(f"{INSIGHTFACE_IMAGES_DIR}/{name}")
-            if member is None:
-                raise RuntimeError(f"{name} missing from {sdist}")
-            found[name] = member.read()
-            if _sha256(found[name]) != digest:
-                raise RuntimeError(f"{name} in {sdist} does not match its pinned sha256")
-    return found
-
-
-def load_photos(workdir: Path) -> dict[str, Image]:
-    """astronaut, t1 and hanks as BGR images."""
-    raw = _cached_testdata() or _fetch_testdata(workdir)
+    paths = {path.name: path for path in fetch_insightface_images(testdata)}
     return {
         "astronaut": cv2.cvtColor(skimage_data.astronaut(), cv2.COLOR_RGB2BGR),
-        "t1": _decode(raw["t1.jpg"], "t1.jpg"),
-        "hanks": _decode(raw["Tom_Hanks_54745.png"], "Tom_Hanks_54745.png"),
+        "t1": _decode(paths["t1.jpg"]),
+        "hanks": _decode(paths["Tom_Hanks_54745.png"]),
     }
 
 
@@ -874,7 +826,7 @@ def evaluate(args: argparse.Namespace, workdir: Path) -> int:
         return 2
 
     recognizer = DlibRecognizer()
-    portraits = {p.name: p for p in build_identities(recognizer, load_photos(workdir))}
+    portraits = {p.name: p for p in build_identities(recognizer, load_photos())}
     targets = [t for p in portraits.values() for t in make_targets(recognizer, p)]
     faces = describe_targets(recognizer, targets)
     same_person = same_person_distances(recognizer, faces)
