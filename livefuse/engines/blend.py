@@ -1,13 +1,13 @@
 """Blending a rendered source face into the target frame so no seam shows.
 
 Three steps, all on the face's box only:
-- mask: the face oval with its top pulled down towards the brows (the source's hair
-  and hairline never come along), times the swapper's coverage (FaceMesh has no
-  triangles over the eye and mouth openings, so the target keeps its own eyes and
-  mouth interior: blinks and open mouths stay the target's), eroded and feathered in
-  proportion to the face's size;
+- mask: the face oval with its top pulled down towards the brows and faded softly
+  across the forehead (the source's hairline never comes along), times the swapper's
+  coverage (which already leaves out the mouth opening, the eyes while the target
+  blinks, and whatever of the source was unusable), eroded and feathered in proportion
+  to the face's size;
 - colour: the rendered face takes the target's skin tone and lighting (Lab mean and
-  spread inside the mask, then the target's low-frequency shading);
+  spread inside the mask, then the difference of the two faces' blurred lightness);
 - alpha blend in place.
 """
 
@@ -26,9 +26,6 @@ FOREHEAD_KEEP = 0.85
 # colour transfer already hides the seam (measured with dlib's recogniser).
 ERODE_FRACTION = 0.008
 FEATHER_FRACTION = 0.02
-# How far the rendered face's Lab statistics move to the target's (0: not at all, 1: fully).
-TONE_MATCH = 1.0
-SPREAD_MATCH = 1.0
 # Blur radius of the lighting field carried over, as a fraction of the face size.
 LIGHT_SIGMA_FRACTION = 0.25
 
@@ -103,13 +100,13 @@ def match_colour(
     # Limit the lightness spread change: a flat-lit target must not flatten the source's
     # features. Colour spread may go to nothing: a grayscale target gets a grayscale face.
     lowest = np.array([0.6, 0.0, 0.0], dtype=np.float32)
-    gain = np.clip(dst_std / src_std, lowest, 1.6) ** SPREAD_MATCH
-    # Tone and spread can be matched partly (identity lives in skin tone too); matching
-    # fully measured as well with dlib and hides the seam best, so that is the default.
-    matched = (rendered_lab - src_mean) * gain + src_mean + (dst_mean - src_mean) * TONE_MATCH
+    gain = np.clip(dst_std / src_std, lowest, 1.6)
+    # Matching tone and spread only partly (identity lives in skin tone too) measured no
+    # better with dlib, and matching fully hides the seam best.
+    matched = (rendered_lab - src_mean) * gain + dst_mean
 
     # Directional light (one cheek brighter) is low-frequency: carry the target's
-    # lightness field over by the ratio of heavily blurred lightness maps, measured
+    # lightness field over by the difference of heavily blurred lightness maps, measured
     # inside the mask only (normalised convolution) so the background does not leak in.
     sigma = max(2.0, face_size * LIGHT_SIGMA_FRACTION)
     inside = weights.astype(np.float32)

@@ -12,10 +12,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats we accept, as Pillow names them after sniffing the content (never the name).
-ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
+# MPO is the multi-picture JPEG many cameras write; its first picture is the photo.
+ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP"})
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 
@@ -62,6 +63,17 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
         if isinstance(error, ImageError):
             raise
         raise ImageError(f"image is corrupt or truncated: {error}") from error
+    return _to_bgr8(ImageOps.exif_transpose(image))
+
+
+def _to_bgr8(image: Image.Image) -> np.ndarray:
+    """Any decoded picture as 8-bit BGR, upright as viewers show it (EXIF applied)."""
+    if image.mode.startswith("I"):
+        # 16- and 32-bit grey: Pillow's RGB conversion clips to 255 instead of scaling.
+        grey = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(grey.max()), 1.0)
+        grey8 = np.clip(grey * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey8[:, :, None], 3, axis=2))
     rgb = np.asarray(image.convert("RGB"))
     return np.ascontiguousarray(rgb[:, :, ::-1])
 

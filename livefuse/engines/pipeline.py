@@ -33,6 +33,16 @@ class NoFaceError(ValueError):
     """The image has no face the pipeline can use."""
 
 
+def require_bgr8(frame: np.ndarray) -> None:
+    """The pipeline works on 8-bit, 3-channel BGR frames; say so plainly otherwise."""
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise ValueError(
+            f"expected an 8-bit BGR frame (H, W, 3) uint8, got {frame.dtype} {frame.shape}"
+        )
+    if frame.shape[0] < 1 or frame.shape[1] < 1:
+        raise ValueError(f"frame has no pixels ({frame.shape[1]}x{frame.shape[0]})")
+
+
 @dataclass
 class StageTimer:
     """Accumulates wall time per named stage (milliseconds)."""
@@ -89,6 +99,7 @@ class FacePipeline:
         mesh is fitted twice: once from the detection, once from its own first estimate
         (what tracking does frame to frame in a video).
         """
+        require_bgr8(image_bgr)
         started = time.perf_counter()
         detections = self.detector.detect(image_bgr, max_side=self.detection_size)
         detections = [d for d in detections if max(d.width, d.height) >= MIN_FACE_SIZE]
@@ -102,7 +113,13 @@ class FacePipeline:
             image_bgr, [FaceRegion.from_points(m.points) for m in meshes]
         )
         self.timer.add("landmarks", started, len(meshes))
-        kept = [m for m in meshes if m.presence >= self.landmarker.presence_threshold]
+        kept = [
+            m
+            for m in meshes
+            if m.presence >= self.landmarker.presence_threshold
+            and np.isfinite(m.points).all()
+            and m.size >= MIN_FACE_SIZE
+        ]
         return sorted(kept, key=lambda m: -m.size)
 
     def prepare_source(self, image_bgr: np.ndarray) -> PreparedSource:
@@ -123,6 +140,7 @@ class FacePipeline:
         faces: FaceSelection = "all",
     ) -> np.ndarray:
         """A copy of the frame with the given faces replaced by the source."""
+        require_bgr8(frame_bgr)
         output = frame_bgr.copy()
         chosen = meshes if faces == "all" else sorted(meshes, key=lambda m: -m.size)[:1]
         for mesh in chosen:
@@ -130,13 +148,16 @@ class FacePipeline:
         return output
 
     def swap_face_in_place(self, frame_bgr: np.ndarray, source: SourceFace, mesh: FaceMesh) -> None:
+        if not np.isfinite(mesh.points).all():
+            return  # a broken fit: leave the face as it is
         started = time.perf_counter()
         points = self.swapper.transfer_shape(source, mesh.points, self.shape_strength)
         box = face_box(FaceMesh(points=points, presence=mesh.presence), frame_bgr.shape[:2])
         if box is None:
             return
         x1, y1, x2, y2 = box
-        self.swapper.reshape_target(frame_bgr, mesh.points, points)
+        if points is not mesh.points:  # transfer_shape hands back the same array when off
+            self.swapper.reshape_target(frame_bgr, mesh.points, points)
         rendered, coverage = self.swapper.warp(source, points, box)
         self.timer.add("swap", started)
         started = time.perf_counter()

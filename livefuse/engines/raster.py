@@ -42,47 +42,48 @@ def rasterize_ids(
     return ids
 
 
-def triangle_affines(dst_xy: np.ndarray, src_xy: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """Per triangle, the 2x3 affine taking a point in its dst triangle to its src triangle.
-
-    Degenerate dst triangles (zero area) get an all-zero affine; they cover no pixel.
-    """
-    d0, d1, d2 = dst_xy[triangles[:, 0]], dst_xy[triangles[:, 1]], dst_xy[triangles[:, 2]]
-    s0, s1, s2 = src_xy[triangles[:, 0]], src_xy[triangles[:, 1]], src_xy[triangles[:, 2]]
-    # Solve [s1-s0, s2-s0] = M [d1-d0, d2-d0] for the 2x2 linear part M of each triangle.
-    dst_edges = np.stack([d1 - d0, d2 - d0], axis=2)  # (T, 2, 2), columns are edges
-    src_edges = np.stack([s1 - s0, s2 - s0], axis=2)
-    det = dst_edges[:, 0, 0] * dst_edges[:, 1, 1] - dst_edges[:, 0, 1] * dst_edges[:, 1, 0]
-    valid = np.abs(det) > 1e-9
-    safe_det = np.where(valid, det, 1.0)
-    inverse = np.empty_like(dst_edges)
-    inverse[:, 0, 0] = dst_edges[:, 1, 1] / safe_det
-    inverse[:, 0, 1] = -dst_edges[:, 0, 1] / safe_det
-    inverse[:, 1, 0] = -dst_edges[:, 1, 0] / safe_det
-    inverse[:, 1, 1] = dst_edges[:, 0, 0] / safe_det
-    linear = src_edges @ inverse
-    translation = s0 - np.einsum("tij,tj->ti", linear, d0)
-    affines = np.concatenate([linear, translation[:, :, None]], axis=2)
-    affines[~valid] = 0.0
-    return affines.astype(np.float32)
-
-
 def source_coordinates(
-    ids: np.ndarray, affines: np.ndarray, origin: tuple[float, float] = (0.0, 0.0)
+    ids: np.ndarray, dst_xy: np.ndarray, src_xy: np.ndarray, triangles: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """For every pixel of an id map, the source coordinates its triangle maps it to.
+    """For every pixel of an id map drawn from `dst_xy`, where its triangle takes it in `src_xy`.
 
-    `origin` is the frame position of the id map's top-left pixel (maps are usually
-    made over a face's bounding box, not the whole frame). Uncovered pixels map to -1,
-    outside any source image, so `cv2.remap` leaves them at the border value.
+    Each pixel's barycentric coordinates in its triangle are clamped to the triangle
+    first: the rasteriser also paints pixels just outside thin triangles, and an
+    unclamped affine would send those far away. Uncovered pixels map to -1, outside any
+    source image, so `cv2.remap` leaves them at the border value.
     """
+    d0 = dst_xy[triangles[:, 0]]
+    edges = np.stack([dst_xy[triangles[:, 1]] - d0, dst_xy[triangles[:, 2]] - d0], axis=2)
+    det = edges[:, 0, 0] * edges[:, 1, 1] - edges[:, 0, 1] * edges[:, 1, 0]
+    # Degenerate triangles (no area) send their pixels to their first corner.
+    safe_det = np.where(np.abs(det) > 1e-9, det, np.inf)
+    to_barycentric = np.stack(
+        [
+            edges[:, 1, 1] / safe_det,
+            -edges[:, 0, 1] / safe_det,
+            -edges[:, 1, 0] / safe_det,
+            edges[:, 0, 0] / safe_det,
+        ],
+        axis=1,
+    )
+    s0 = src_xy[triangles[:, 0]]
+    per_triangle = np.concatenate(
+        [d0, to_barycentric, s0, src_xy[triangles[:, 1]] - s0, src_xy[triangles[:, 2]] - s0],
+        axis=1,
+    ).astype(np.float32)  # (T, 12)
+
     height, width = ids.shape
     covered = ids >= 0
-    coefficients = affines.reshape(-1, 6)[np.where(covered, ids, 0)]  # (H, W, 6)
-    xs = np.arange(width, dtype=np.float32) + np.float32(origin[0])
-    ys = np.arange(height, dtype=np.float32)[:, None] + np.float32(origin[1])
-    map_x = coefficients[..., 0] * xs + coefficients[..., 1] * ys + coefficients[..., 2]
-    map_y = coefficients[..., 3] * xs + coefficients[..., 4] * ys + coefficients[..., 5]
+    t = per_triangle[np.where(covered, ids, 0)]  # (H, W, 12)
+    dx = np.arange(width, dtype=np.float32) - t[..., 0]
+    dy = np.arange(height, dtype=np.float32)[:, None] - t[..., 1]
+    b1 = np.maximum(t[..., 2] * dx + t[..., 3] * dy, 0)
+    b2 = np.maximum(t[..., 4] * dx + t[..., 5] * dy, 0)
+    outside = b1 + b2 > 1  # beyond the edge opposite the first corner
+    total = np.where(outside, b1 + b2, 1)
+    b1, b2 = b1 / total, b2 / total
+    map_x = t[..., 6] + b1 * t[..., 8] + b2 * t[..., 10]
+    map_y = t[..., 7] + b1 * t[..., 9] + b2 * t[..., 11]
     map_x[~covered] = -1
     map_y[~covered] = -1
     return map_x, map_y

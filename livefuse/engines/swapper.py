@@ -23,13 +23,15 @@ from livefuse.engines.raster import (
     rasterize_ids,
     signed_areas,
     source_coordinates,
-    triangle_affines,
 )
 from livefuse.engines.topology import CHIN, FOREHEAD, NUM_POINTS, MeshTopology, fan_triangles
 from livefuse.engines.types import FaceMesh
 
 ATLAS_SIZE = 256
 _ATLAS_MARGIN = 8
+# cv2.flip mirrors pixel i onto pixel size-1-i, i.e. about (size - 1) / 2: the midline
+# goes there so flipping the atlas swaps the face's sides exactly.
+_ATLAS_CENTRE = (ATLAS_SIZE - 1) / 2
 # Source visibility (0..1, see `_source_visibility`) under which a triangle's texture is
 # not used at all, and above which it is used fully.
 _POOR_TEXTURE, _GOOD_TEXTURE = 0.12, 0.4
@@ -49,10 +51,10 @@ def face_axes(points: np.ndarray, topology: MeshTopology) -> np.ndarray:
     """
     left, right = topology.mirror_pairs[:, 0], topology.mirror_pairs[:, 1]
     lateral = (points[left] - points[right]).mean(axis=0)
-    lateral /= np.linalg.norm(lateral)
+    lateral /= max(float(np.linalg.norm(lateral)), 1e-6)
     vertical = points[FOREHEAD] - points[CHIN]
     vertical -= lateral * float(vertical @ lateral)
-    vertical /= np.linalg.norm(vertical)
+    vertical /= max(float(np.linalg.norm(vertical)), 1e-6)
     towards = np.cross(lateral, vertical)
     return np.stack([lateral, vertical, towards]).astype(np.float32)
 
@@ -153,7 +155,6 @@ class SourceFace:
     uv: np.ndarray  # (468, 2) float32 atlas coordinates of each mesh point
     frontal: np.ndarray  # (468, 3) the source's shape, turned to face the camera
     eyes_open: np.ndarray  # (2,) 0..1 per eye: can the source's eyes be shown at all
-    mesh: FaceMesh
 
 
 class MeshSwapper:
@@ -197,14 +198,13 @@ class MeshSwapper:
         half_extent = max(np.abs(u).max(), np.abs(v - v.mean()).max())
         scale = (ATLAS_SIZE / 2 - _ATLAS_MARGIN) / half_extent
         uv = np.stack(
-            [u * scale + ATLAS_SIZE / 2, (v - v.mean()) * scale + ATLAS_SIZE / 2], axis=1
+            [u * scale + _ATLAS_CENTRE, (v - v.mean()) * scale + _ATLAS_CENTRE], axis=1
         ).astype(np.float32)
 
         triangles = self.triangles
         atlas_order = np.argsort(frontal[triangles, 2].mean(axis=1), kind="stable")
         atlas_ids = rasterize_ids(uv, triangles, atlas_order, (ATLAS_SIZE, ATLAS_SIZE))
-        affines = triangle_affines(uv, points[:, :2], triangles)
-        map_x, map_y = source_coordinates(atlas_ids, affines)
+        map_x, map_y = source_coordinates(atlas_ids, uv, points[:, :2], triangles)
         atlas = cv2.remap(
             image_bgr, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
@@ -231,7 +231,6 @@ class MeshSwapper:
             uv=uv,
             frontal=frontal.astype(np.float32),
             eyes_open=eye_open_weights(points, topology),
-            mesh=mesh,
         )
 
     def _source_visibility(
@@ -333,8 +332,7 @@ class MeshSwapper:
             [np.arange(len(self.triangles), len(triangles)), draw_order(moved, self.triangles)]
         )
         ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1))
-        affines = triangle_affines(local, source_xy, triangles)
-        map_x, map_y = source_coordinates(ids, affines)
+        map_x, map_y = source_coordinates(ids, local, source_xy, triangles)
         covered = ids >= 0
         # The maps hold frame coordinates: sample the whole frame, then write the box.
         moved_pixels = cv2.remap(
@@ -366,8 +364,7 @@ class MeshSwapper:
         order = draw_order(target_points, triangles)
         order = order[drawn[order]]
         ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1))
-        affines = triangle_affines(local, source.uv, triangles)
-        map_x, map_y = source_coordinates(ids, affines)
+        map_x, map_y = source_coordinates(ids, local, source.uv, triangles)
         patch = cv2.remap(
             source.atlas, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )

@@ -1,12 +1,16 @@
 """Swapping faces through a video file: decode, swap frame by frame, encode, keep the audio.
 
-Audio packets are copied across untouched (remuxed, not re-encoded) when the output
-container can hold their codec, and re-encoded to AAC when it cannot. A frame whose
-swap fails is written unswapped and counted: the video never gets a black frame.
+Nothing is lost on failure: the video is written to a temporary file beside the output
+and moved into place only when it is complete, so an existing file is never truncated
+or removed by a run that fails. Audio packets are copied across untouched when the
+output container can hold their codec, and re-encoded to AAC when it cannot. Frame
+timestamps are kept, so variable-frame-rate video stays in sync with its audio. A
+frame whose swap fails is written unswapped and counted: never a black frame.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -21,6 +25,8 @@ from livefuse.engines.swapper import SourceFace
 
 # The largest frame we agree to process (8K UHD); beyond that is a mistake or an attack.
 MAX_VIDEO_PIXELS = 7680 * 4320
+# H.264 in 4:2:0 needs even sides, so the smallest frame we can write is 2x2.
+MIN_VIDEO_SIDE = 2
 
 
 class VideoError(ValueError):
@@ -55,6 +61,27 @@ def swap_video(
     on_frame: Callable[[int, int | None], None] | None = None,
 ) -> VideoReport:
     """Swap every frame of `input_path` into `output_path`; `on_frame(done, total)` ticks."""
+    # Same suffix as the output: the container format is chosen from the file name.
+    partial = output_path.with_name(
+        f".{output_path.stem}.partial-{os.getpid()}{output_path.suffix}"
+    )
+    try:
+        report = _swap_into(pipeline, source, input_path, partial, output_path, faces, on_frame)
+        os.replace(partial, output_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return report
+
+
+def _swap_into(
+    pipeline: FacePipeline,
+    source: SourceFace,
+    input_path: Path,
+    partial: Path,
+    output_path: Path,
+    faces: FaceSelection,
+    on_frame: Callable[[int, int | None], None] | None,
+) -> VideoReport:
     try:
         source_container = av.open(str(input_path))
     except (av.error.FFmpegError, OSError) as error:
@@ -64,24 +91,33 @@ def swap_video(
             raise VideoError(f"{input_path}: has no video stream")
         video_in = source_container.streams.video[0]
         width, height = video_in.codec_context.width, video_in.codec_context.height
-        if not width or not height:
-            raise VideoError(f"{input_path}: video stream has no frame size")
+        if min(width or 0, height or 0) < MIN_VIDEO_SIDE:
+            raise VideoError(f"{input_path}: frames of {width}x{height} are too small")
         if width * height > MAX_VIDEO_PIXELS:
             raise VideoError(f"{input_path}: {width}x{height} frames exceed the 8K limit")
         audio_in = source_container.streams.audio[0] if source_container.streams.audio else None
-        rate = video_in.average_rate or Fraction(30, 1)
-        total = _frame_count(video_in)
         report = VideoReport()
         try:
-            sink = av.open(str(output_path), mode="w")
+            sink = av.open(str(partial), mode="w")
         except (av.error.FFmpegError, OSError, ValueError) as error:
-            raise VideoError(f"{output_path}: cannot write this video ({error})") from error
+            raise VideoError(f"{output_path}: cannot write a video here ({error})") from error
         with sink:
-            video_out = sink.add_stream("libx264", rate=rate)
-            video_out.width, video_out.height = width - width % 2, height - height % 2
-            video_out.pix_fmt = "yuv420p"
-            video_out.options = {"crf": "18", "preset": "veryfast"}
-            audio_out, audio_encoder = _audio_output(sink, audio_in, report)
+            try:
+                video_out = sink.add_stream("libx264", rate=video_in.average_rate or Fraction(30))
+                video_out.width, video_out.height = width - width % 2, height - height % 2
+                video_out.pix_fmt = "yuv420p"
+                video_out.time_base = video_in.time_base
+                video_out.options = {"crf": "18", "preset": "veryfast"}
+                audio_out, audio_encoder = _audio_output(sink, audio_in, report)
+                # Write the header now, so a container that cannot hold these streams is
+                # reported as an output problem, not as a decoding failure later.
+                sink.start_encoding()
+            except (av.error.FFmpegError, ValueError, OSError) as error:
+                raise VideoError(
+                    f"{output_path}: cannot write H.264 video in this format ({error}); "
+                    "use .mp4, .mkv or .mov"
+                ) from error
+            total = _frame_count(video_in)
             streams = [video_in] + ([audio_in] if audio_in is not None else [])
             try:
                 for packet in source_container.demux(*streams):
@@ -113,14 +149,12 @@ def _audio_output(
     """(stream to mux into, encoder if re-encoding) for the input's audio."""
     if audio_in is None:
         return None, None
-    try:
-        copied = sink.add_stream_from_template(audio_in)
+    if audio_in.codec_context.name in sink.supported_codecs:
         report.audio = "copied"
-        return copied, None
-    except (ValueError, av.error.FFmpegError):
-        encoder = sink.add_stream("aac", rate=audio_in.codec_context.sample_rate or 48000)
-        report.audio = "re-encoded"
-        return encoder, encoder
+        return sink.add_stream_from_template(audio_in), None
+    encoder = sink.add_stream("aac", rate=audio_in.codec_context.sample_rate or 48000)
+    report.audio = "re-encoded"
+    return encoder, encoder
 
 
 def _write_audio(
@@ -155,11 +189,10 @@ def _swap_frame(
     try:
         meshes = pipeline.find_faces(image)
         if meshes:
-            chosen = meshes if faces == "all" else meshes[:1]
-            output = pipeline.swap_faces(image, source, chosen)
+            output = pipeline.swap_faces(image, source, meshes, faces=faces)
             report.frames_with_faces += 1
-            report.faces_swapped += len(chosen)
-    except (ValueError, ArithmeticError, MemoryError, RuntimeError) as error:
+            report.faces_swapped += 1 if faces == "largest" else len(meshes)
+    except Exception as error:  # noqa: BLE001 - the frame edge: any failure is counted
         # The frame goes out unswapped rather than not at all; the error is counted.
         output = image
         report.failed_frames += 1
@@ -168,5 +201,7 @@ def _swap_frame(
     report.frames += 1
     even: np.ndarray = np.ascontiguousarray(output[: video_out.height, : video_out.width])
     out_frame = av.VideoFrame.from_ndarray(even.astype(np.uint8, copy=False), format="bgr24")
+    # Keep the source's timing: variable frame rates and offsets stay in sync with audio.
+    out_frame.pts, out_frame.time_base = frame.pts, frame.time_base
     for packet in video_out.encode(out_frame):
         sink.mux(packet)

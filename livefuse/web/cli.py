@@ -8,6 +8,7 @@ reported as its one line on stderr with exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from livefuse import __version__
 from livefuse.engines.store import ModelError
 from livefuse.settings import Settings
 
-EXIT_USAGE = 2
+EXIT_FAILURE, EXIT_USAGE = 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        # Anything unforeseen still ends in one line a person can act on; the traceback
+        # is there for whoever asks for it.
+        if os.environ.get("LIVEFUSE_DEBUG"):
+            raise
+        print(
+            f"livefuse: unexpected error: {type(error).__name__}: {error} "
+            "(set LIVEFUSE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE  # not reached: parser.error exits
 

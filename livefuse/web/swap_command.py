@@ -49,6 +49,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not target.exists():
         _say(f"target {target} does not exist")
         return EXIT_BAD_INPUT
+    if output.exists() and output.resolve() == target.resolve():
+        _say(f"--output is the target itself ({target}); write the result somewhere else")
+        return EXIT_BAD_INPUT
     try:
         source_image = read_image(source_path, **limits)
     except ImageError as error:
@@ -65,6 +68,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _say(f"source has {prepared.faces_in_image} faces; using the largest")
 
     if target.is_dir():
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            _say(f"cannot make the output directory {output}: {error.strerror or error}")
+            return EXIT_BAD_INPUT
         report = _swap_directory(pipeline, prepared.face, target, output, faces, limits)
         _print_batch_report(report, output)
         return EXIT_SOME_FAILED if report.failed else EXIT_OK
@@ -89,9 +97,11 @@ def _swap_directory(
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     for skipped in sorted(set(files) - set(images)):
         report.failed[skipped.name] = f"{skipped}: not an image file name (.jpg, .png, .webp, .bmp)"
-    output_dir.mkdir(parents=True, exist_ok=True)
     for path in tqdm(images, desc="swapping", unit="image", disable=None):
-        _swap_image_file(pipeline, source, path, output_dir / path.name, faces, limits, report)
+        try:
+            _swap_image_file(pipeline, source, path, output_dir / path.name, faces, limits, report)
+        except Exception as error:  # noqa: BLE001 - one image's failure must not stop the rest
+            report.failed[path.name] = f"{path}: failed ({type(error).__name__}: {error})"
     return report
 
 
@@ -111,10 +121,9 @@ def _swap_image_file(
         return
     meshes = pipeline.find_faces(image)
     if meshes:
-        chosen = meshes if faces == "all" else meshes[:1]
-        result = pipeline.swap_faces(image, source, chosen)
+        result = pipeline.swap_faces(image, source, meshes, faces=faces)
         report.swapped.append(path.name)
-        report.faces_swapped += len(chosen)
+        report.faces_swapped += 1 if faces == "largest" else len(meshes)
     else:
         result = image
         report.no_face.append(path.name)
@@ -123,10 +132,10 @@ def _swap_image_file(
 
 
 def _write_image(path: Path, image: np.ndarray) -> bool:
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         return bool(cv2.imwrite(str(path), image))
-    except cv2.error:
+    except (cv2.error, OSError):
         return False
 
 
@@ -158,7 +167,6 @@ def _swap_video_file(
         report = swap_video(pipeline, source, target, output, faces=faces, on_frame=tick)
     except VideoError as error:
         bar.close()
-        output.unlink(missing_ok=True)
         _say(str(error))
         return EXIT_BAD_INPUT
     bar.close()
@@ -171,4 +179,5 @@ def _swap_video_file(
         print(f"{report.frames - report.frames_with_faces} frame(s) had no face, written unchanged")
     if report.failed_frames:
         _say(f"{report.failed_frames} frame(s) failed and were written unswapped: {report.errors}")
+        return EXIT_SOME_FAILED
     return EXIT_OK

@@ -21,12 +21,18 @@ def swap(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, st
     return code, captured.out, captured.err
 
 
-def write_clip(path: Path, frame: np.ndarray, *, frames: int = 12, audio: bool = True) -> None:
-    """A short H.264 clip of a slowly turning photo, with a 440 Hz tone if `audio`."""
+def write_clip(
+    path: Path, frame: np.ndarray, *, frames: int = 12, audio: bool = True, lossless: bool = False
+) -> None:
+    """A short clip of a slowly turning photo, with a 440 Hz tone if `audio`.
+
+    H.264 by default; `lossless` writes FFV1, which also takes odd frame sizes.
+    """
     height, width = frame.shape[:2]
     with av.open(str(path), "w") as container:
-        video = container.add_stream("libx264", rate=24)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video = container.add_stream("ffv1" if lossless else "libx264", rate=24)
+        video.width, video.height = width, height
+        video.pix_fmt = "yuv444p" if lossless else "yuv420p"
         tone = container.add_stream("aac", rate=48000) if audio else None
         for i in range(frames):
             turn = cv2.getRotationMatrix2D((width / 2, height / 2), i * 0.7, 1.0)
@@ -63,6 +69,7 @@ def test_image_target(capsys, tmp_path, astronaut_path, group_path):
 
 
 def test_largest_face_only(capsys, tmp_path, astronaut_path, group_path):
+    output = tmp_path / "out.png"
     code, out, _ = swap(
         capsys,
         "--source",
@@ -70,11 +77,17 @@ def test_largest_face_only(capsys, tmp_path, astronaut_path, group_path):
         "--target",
         group_path,
         "--output",
-        tmp_path / "out.jpg",
+        output,
         "--faces",
         "largest",
     )
     assert code == 0 and "swapped 1 face(s)" in out
+    changed = np.any(cv2.imread(str(output)) != cv2.imread(str(group_path)), axis=2)
+    ys, xs = np.nonzero(changed)
+    # One face only: every changed pixel lies around a single face (t1's largest, at about
+    # x=520, y=345), none around the others.
+    assert xs.max() - xs.min() < 260 and ys.max() - ys.min() < 260
+    assert 380 < xs.mean() < 660 and 220 < ys.mean() < 470
 
 
 def test_source_with_several_faces_uses_the_largest_and_says_so(
@@ -117,15 +130,88 @@ def test_video_target_keeps_frames_and_audio(capsys, tmp_path, astronaut_path, g
     clip = tmp_path / "clip.mp4"
     write_clip(clip, cv2.resize(group_bgr[150:500, 350:750], (400, 350)))
     output = tmp_path / "swapped.mp4"
-    code, out, _ = swap(capsys, "--source", astronaut_path, "--target", clip, "--output", output)
-    assert code == 0, out
-    assert "over 12 frame(s)" in out and "audio copied" in out
+    code, out, err = swap(capsys, "--source", astronaut_path, "--target", clip, "--output", output)
+    assert code == 0, err
+    assert "swapped 12 face(s) over 12 frame(s)" in out and "audio copied" in out
+    assert "failed" not in err
+    with av.open(str(clip)) as original:
+        before = [f.to_ndarray(format="bgr24") for f in original.decode(video=0)]
     with av.open(str(output)) as result:
-        assert result.streams.audio and result.streams.audio[0].codec_context.name == "aac"
+        audio = result.streams.audio[0]
+        assert audio.codec_context.name == "aac"
+        video = result.streams.video[0]
+        video_seconds = float(video.duration * video.time_base)
+        audio_seconds = float(audio.duration * audio.time_base)
         frames = [f.to_ndarray(format="bgr24") for f in result.decode(video=0)]
     assert len(frames) == 12
-    # Never black: every frame keeps the original's brightness.
+    assert abs(video_seconds - audio_seconds) < 0.1  # still in sync
+    # Never black, and every frame's face really changed.
     assert min(float(f.mean()) for f in frames) > 40
+    assert all(np.abs(a.astype(int) - b).mean() > 1.0 for a, b in zip(frames, before, strict=True))
+
+
+def test_video_without_audio_and_with_odd_sides(capsys, tmp_path, astronaut_path, group_bgr):
+    clip = tmp_path / "silent.mkv"
+    write_clip(
+        clip,
+        cv2.resize(group_bgr[150:500, 350:750], (401, 351)),
+        frames=4,
+        audio=False,
+        lossless=True,
+    )
+    output = tmp_path / "silent_out.mkv"
+    code, out, err = swap(capsys, "--source", astronaut_path, "--target", clip, "--output", output)
+    assert code == 0, err
+    assert "over 4 frame(s)" in out and "audio none" in out
+    with av.open(str(output)) as result:
+        assert not result.streams.audio
+        sizes = {(f.width, f.height) for f in result.decode(video=0)}
+    assert sizes == {(400, 350)}
+
+
+def test_output_that_is_the_target_is_refused(capsys, tmp_path, astronaut_path, group_bgr):
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, cv2.resize(group_bgr[150:500, 350:750], (400, 350)), frames=3)
+    before = clip.read_bytes()
+    code, _, err = swap(capsys, "--source", astronaut_path, "--target", clip, "--output", clip)
+    assert code == 2 and "target itself" in err
+    assert clip.read_bytes() == before
+
+
+def test_failed_run_leaves_an_existing_output_alone(capsys, tmp_path, astronaut_path):
+    precious = tmp_path / "precious.mp4"
+    precious.write_bytes(b"yesterday's work")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("no video here")
+    code, _, err = swap(capsys, "--source", astronaut_path, "--target", notes, "--output", precious)
+    assert code == 2 and "not a readable image or video" in err
+    assert precious.read_bytes() == b"yesterday's work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "precious.mp4"]
+
+
+def test_output_format_without_h264_is_a_clear_error(capsys, tmp_path, astronaut_path, group_bgr):
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, cv2.resize(group_bgr[150:500, 350:750], (400, 350)), frames=2)
+    code, _, err = swap(
+        capsys, "--source", astronaut_path, "--target", clip, "--output", tmp_path / "out.webm"
+    )
+    assert code == 2 and "cannot write H.264" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_one_pixel_video_is_refused(capsys, tmp_path, astronaut_path):
+    clip = tmp_path / "thin.avi"
+    with av.open(str(clip), "w") as container:
+        # Uncompressed video is the one codec that takes a frame 1 pixel wide.
+        stream = container.add_stream("rawvideo", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 1, 16, "bgr24"
+        frame = av.VideoFrame.from_ndarray(np.zeros((16, 1, 3), np.uint8), format="bgr24")
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    code, _, err = swap(
+        capsys, "--source", astronaut_path, "--target", clip, "--output", tmp_path / "o.mkv"
+    )
+    assert code == 2 and "too small" in err
 
 
 def test_source_that_is_not_an_image(capsys, tmp_path, group_path):

@@ -8,7 +8,7 @@ import pytest
 from livefuse.engines.blend import face_mask
 from livefuse.engines.landmarks import FaceRegion
 from livefuse.engines.pipeline import FacePipeline, NoFaceError, face_box
-from livefuse.engines.raster import rasterize_ids, source_coordinates, triangle_affines
+from livefuse.engines.raster import rasterize_ids, source_coordinates
 from livefuse.engines.store import ModelStore
 from livefuse.engines.swapper import eye_open_weights
 from livefuse.settings import Settings
@@ -181,15 +181,21 @@ def test_blinking_eye_shows_the_targets_own_lids(pipeline, astronaut_bgr):
     assert np.all(eye_open_weights(closed, pipeline.swapper.topology) == 0.0)
 
 
-def test_triangle_affines_map_vertices_exactly():
+def test_pixels_map_through_their_triangle():
     rng = np.random.default_rng(1)
-    dst = rng.uniform(0, 100, (30, 2)).astype(np.float32)
-    src = rng.uniform(0, 100, (30, 2)).astype(np.float32)
-    triangles = np.array([[i, i + 1, i + 2] for i in range(0, 27, 3)], dtype=np.int32)
-    affines = triangle_affines(dst, src, triangles)
-    for triangle, affine in zip(triangles, affines, strict=True):
-        mapped = dst[triangle] @ affine[:, :2].T + affine[:, 2]
-        np.testing.assert_allclose(mapped, src[triangle], atol=1e-3)
+    dst = rng.uniform(5, 60, (3, 2)).astype(np.float32)
+    src = rng.uniform(0, 100, (3, 2)).astype(np.float32)
+    triangle = np.array([[0, 1, 2]], dtype=np.int32)
+    ids = rasterize_ids(dst, triangle, np.array([0]), (70, 70))
+    map_x, map_y = source_coordinates(ids, dst, src, triangle)
+    # An interior pixel lands where the triangle's affine map takes it.
+    centroid = np.round(dst.mean(axis=0)).astype(int)
+    weights = np.linalg.solve(
+        np.vstack([dst.T, np.ones(3)]), np.array([*centroid.astype(float), 1.0])
+    )
+    expected = weights @ src
+    got = (map_x[centroid[1], centroid[0]], map_y[centroid[1], centroid[0]])
+    np.testing.assert_allclose(got, expected, atol=1e-3)
 
 
 def test_nearer_triangle_hides_the_farther_one():
@@ -199,7 +205,48 @@ def test_nearer_triangle_hides_the_farther_one():
     assert ids[10, 10] == 0  # drawn last: in front
     assert ids[30, 12] == 1  # only the other triangle there
     assert ids[49, 49] == -1
-    affines = triangle_affines(xy, xy * 2, triangles)
-    map_x, map_y = source_coordinates(ids, affines)
+    map_x, map_y = source_coordinates(ids, xy, xy * 2, triangles)
     assert map_x[10, 10] == pytest.approx(20) and map_y[10, 12] == pytest.approx(20)
     assert map_x[49, 49] == -1
+
+
+def test_a_sliver_never_sends_pixels_far_away():
+    # Nearly collinear: the rasteriser paints pixels beside it that lie outside it.
+    dst = np.array([[2, 10], [60, 10.3], [31, 10.1]], dtype=np.float32)
+    src = np.array([[0, 0], [100, 0], [50, 80]], dtype=np.float32)
+    triangle = np.array([[0, 1, 2]], dtype=np.int32)
+    ids = rasterize_ids(dst, triangle, np.array([0]), (20, 64))
+    map_x, map_y = source_coordinates(ids, dst, src, triangle)
+    covered = ids >= 0
+    assert covered.any()
+    # Clamped to the triangle, every pixel maps inside the source triangle's bounds.
+    assert map_x[covered].min() >= -1e-3 and map_x[covered].max() <= 100 + 1e-3
+    assert map_y[covered].min() >= -1e-3 and map_y[covered].max() <= 80 + 1e-3
+
+
+def test_broken_meshes_and_frames_are_refused_or_skipped(pipeline, astronaut_bgr):
+    from livefuse.engines.types import FaceMesh
+
+    source = pipeline.prepare_source(astronaut_bgr).face
+    mesh = pipeline.find_faces(astronaut_bgr)[0]
+    for broken_points in (
+        np.where(np.arange(468)[:, None] == 5, np.nan, mesh.points),
+        np.full_like(mesh.points, np.inf),
+        np.zeros_like(mesh.points),
+    ):
+        broken = FaceMesh(points=broken_points.astype(np.float32), presence=1.0)
+        result = pipeline.swap_faces(astronaut_bgr, source, [broken])
+        assert result.shape == astronaut_bgr.shape  # the frame comes through, untouched
+    with pytest.raises(ValueError, match="8-bit BGR"):
+        pipeline.find_faces(astronaut_bgr.astype(np.uint16))
+    with pytest.raises(ValueError, match="8-bit BGR"):
+        pipeline.find_faces(astronaut_bgr[:, :, 0])
+    with pytest.raises(ValueError, match="no pixels"):
+        pipeline.find_faces(np.zeros((0, 10, 3), np.uint8))
+
+
+def test_reshape_ring_constant_matches_the_test(pipeline):
+    from livefuse.engines import swapper
+
+    # The ring test above allows 1.4x the oval; the swapper's ring must lie inside it.
+    assert swapper._RESHAPE_RING < 1.4
