@@ -153,6 +153,9 @@ class SourceFace:
     # both sides): the target keeps its own skin there.
     usable: np.ndarray  # (ATLAS_SIZE, ATLAS_SIZE) float32
     uv: np.ndarray  # (468, 2) float32 atlas coordinates of each mesh point
+    # Per triangle (mesh + eye fans), the sign of its area in the frontal layout: a target
+    # triangle winding the other way faces away from the camera.
+    uv_winding: np.ndarray  # (T,) float32, +1 or -1
     frontal: np.ndarray  # (468, 3) the source's shape, turned to face the camera
     eyes_open: np.ndarray  # (2,) 0..1 per eye: can the source's eyes be shown at all
 
@@ -229,6 +232,7 @@ class MeshSwapper:
             atlas=atlas,
             usable=source_skin(atlas, atlas_ids >= 0, uv, topology) * quality,
             uv=uv,
+            uv_winding=np.sign(signed_areas(uv, self.triangles)).astype(np.float32),
             frontal=frontal.astype(np.float32),
             eyes_open=eye_open_weights(points, topology),
         )
@@ -354,8 +358,7 @@ class MeshSwapper:
         x1, y1, x2, y2 = box
         local = target_points[:, :2] - (x1, y1)
         areas = signed_areas(local, triangles)
-        frontal_areas = signed_areas(source.uv, triangles)
-        drawn = np.sign(areas) == np.sign(frontal_areas)
+        drawn = np.sign(areas) == source.uv_winding
         eye_weights = eye_open_weights(target_points, self.topology) * source.eyes_open
         triangle_weight = np.ones(len(triangles), dtype=np.float32)
         for (start, stop), weight in zip(self._eye_ranges, eye_weights, strict=True):
