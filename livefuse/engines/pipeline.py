@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
+import cv2
 import numpy as np
 
 from livefuse.engines.blend import alpha_blend, face_mask, match_colour
@@ -27,6 +28,8 @@ FaceSelection = Literal["all", "largest"]
 MIN_FACE_SIZE = 16
 # Margin around the landmark box that the blend may touch, as a fraction of face size.
 _BOX_MARGIN = 0.08
+# The smallest face size (pixels) a reduced-resolution render may go down to.
+_MIN_RENDER_SIZE = 64
 
 
 class NoFaceError(ValueError):
@@ -147,7 +150,12 @@ class FacePipeline:
             self.swap_face_in_place(output, source, mesh)
         return output
 
-    def swap_face_in_place(self, frame_bgr: np.ndarray, source: SourceFace, mesh: FaceMesh) -> None:
+    def swap_face_in_place(
+        self, frame_bgr: np.ndarray, source: SourceFace, mesh: FaceMesh, *, scale: float = 1.0
+    ) -> None:
+        """Replace one face in the frame. `scale` < 1 renders, masks and colour-matches the
+        face at that fraction of its size and blends the upscaled result: the real-time
+        path's cheaper levels trade fine texture for time this way."""
         if not np.isfinite(mesh.points).all():
             return  # a broken fit: leave the face as it is
         started = time.perf_counter()
@@ -158,12 +166,29 @@ class FacePipeline:
         x1, y1, x2, y2 = box
         if points is not mesh.points:  # transfer_shape hands back the same array when off
             self.swapper.reshape_target(frame_bgr, mesh.points, points)
-        rendered, coverage = self.swapper.warp(source, points, box)
+        region = frame_bgr[y1:y2, x1:x2]
+        width, height = x2 - x1, y2 - y1
+        # Below this face size a reduced render loses the eyes; render at full size then.
+        scale = min(1.0, max(scale, _MIN_RENDER_SIZE / max(mesh.size, 1.0)))
+        small = (max(2, round(width * scale)), max(2, round(height * scale)))
+        if small != (width, height):
+            factors = np.array([small[0] / width, small[1] / height, scale], dtype=np.float32)
+            local = (points - (x1, y1, 0)) * factors
+            rendered, coverage = self.swapper.warp(source, local, (0, 0, *small))
+            target = cv2.resize(region, small, interpolation=cv2.INTER_AREA)
+            face_size = mesh.size * scale
+            mask_points, mask_box = local, (0, 0, *small)
+        else:
+            rendered, coverage = self.swapper.warp(source, points, box)
+            target, face_size = region, mesh.size
+            mask_points, mask_box = points, box
         self.timer.add("swap", started)
         started = time.perf_counter()
-        region = frame_bgr[y1:y2, x1:x2]
-        alpha = face_mask(points, self.swapper.topology, coverage, box, mesh.size)
-        rendered = match_colour(rendered, region, alpha, mesh.size)
+        alpha = face_mask(mask_points, self.swapper.topology, coverage, mask_box, face_size)
+        rendered = match_colour(rendered, target, alpha, face_size)
+        if small != (width, height):
+            rendered = cv2.resize(rendered, (width, height), interpolation=cv2.INTER_LINEAR)
+            alpha = cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
         alpha_blend(region, rendered, alpha)
         self.timer.add("blend", started)
 

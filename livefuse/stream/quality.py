@@ -1,0 +1,130 @@
+"""Adaptive quality: a ladder of levels and a controller that moves along it.
+
+Each level trades picture quality for time: the detector's input size and how often it
+runs, how often the landmarks are refitted, the resolution the face is blended at, how
+many faces are swapped, and the output scale. The controller watches each frame's
+processing time against the budget (1 / target fps), steps down at once when frames run
+over, and steps back up only after a long quiet spell (hysteresis), so it does not flap.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+QualityMode = Literal["auto", "high", "balanced", "fast"]
+QUALITY_MODES: tuple[QualityMode, ...] = ("auto", "high", "balanced", "fast")
+
+
+@dataclass(frozen=True)
+class QualityLevel:
+    name: str
+    detect_size: int
+    """Longer side of the frame as the detector sees it."""
+    detect_interval: int
+    """Frames between detector runs while every face is tracked."""
+    landmark_interval: int
+    """Landmarks are refitted every this many frames; between, the last fit is reused."""
+    blend_scale: float
+    """Resolution of the swap and blend relative to the face's own size in the frame."""
+    max_faces: int | None
+    """At most this many faces (largest first) are swapped; None: all of them."""
+    output_scale: float
+    """The output frame's size relative to the input."""
+
+
+LADDER: tuple[QualityLevel, ...] = (
+    QualityLevel(
+        name="high",
+        detect_size=640,
+        detect_interval=5,
+        landmark_interval=1,
+        blend_scale=1.0,
+        max_faces=None,
+        output_scale=1.0,
+    ),
+    QualityLevel(
+        name="balanced",
+        detect_size=480,
+        detect_interval=10,
+        landmark_interval=1,
+        blend_scale=0.75,
+        max_faces=None,
+        output_scale=1.0,
+    ),
+    QualityLevel(
+        name="fast",
+        detect_size=320,
+        detect_interval=15,
+        landmark_interval=2,
+        blend_scale=0.5,
+        max_faces=None,
+        output_scale=1.0,
+    ),
+    QualityLevel(
+        name="minimal",
+        detect_size=320,
+        detect_interval=20,
+        landmark_interval=3,
+        blend_scale=0.5,
+        max_faces=4,
+        output_scale=1.0,
+    ),
+)
+LEVELS_BY_NAME = {level.name: level for level in LADDER}
+
+
+class QualityController:
+    """Chooses the level for the next frame from the times of the last ones.
+
+    Step down when 2 of the last 4 frames overran 90% of the budget (or one overran it by
+    half again); step up when 45 frames in a row (1.5 s at 30 fps) took under 60% of it.
+    Pinned to a level, it only records.
+    """
+
+    _DOWN_WINDOW, _DOWN_COUNT, _DOWN_SHARE = 4, 2, 0.9
+    _SEVERE_SHARE = 1.5
+    _UP_FRAMES, _UP_SHARE = 45, 0.6
+
+    def __init__(self, *, mode: QualityMode = "auto", target_fps: float = 30.0) -> None:
+        self.budget_ms = 1000.0 / target_fps
+        self._recent: deque[float] = deque(maxlen=self._DOWN_WINDOW)
+        self._quiet_frames = 0
+        self._index = 0
+        self.mode: QualityMode = "auto"
+        self.set_mode(mode)
+
+    @property
+    def level(self) -> QualityLevel:
+        return LADDER[self._index]
+
+    def set_mode(self, mode: QualityMode) -> None:
+        if mode not in QUALITY_MODES:
+            raise ValueError(f"quality must be one of {', '.join(QUALITY_MODES)}, not {mode!r}")
+        self.mode = mode
+        if mode != "auto":
+            self._index = LADDER.index(LEVELS_BY_NAME[mode])
+        self._recent.clear()
+        self._quiet_frames = 0
+
+    def record(self, frame_ms: float, *, dropped: int = 0) -> None:
+        """Feed one frame's processing time and how many inputs were dropped meanwhile."""
+        if self.mode != "auto":
+            return
+        self._recent.append(frame_ms)
+        over = sum(1 for t in self._recent if t > self.budget_ms * self._DOWN_SHARE)
+        severe = frame_ms > self.budget_ms * self._SEVERE_SHARE
+        if (over >= self._DOWN_COUNT or severe or dropped) and self._index < len(LADDER) - 1:
+            self._index += 1
+            self._recent.clear()
+            self._quiet_frames = 0
+            return
+        if frame_ms < self.budget_ms * self._UP_SHARE:
+            self._quiet_frames += 1
+        else:
+            self._quiet_frames = 0
+        if self._quiet_frames >= self._UP_FRAMES and self._index > 0:
+            self._index -= 1
+            self._recent.clear()
+            self._quiet_frames = 0

@@ -1,0 +1,266 @@
+"""The real-time face pipeline: one object per stream, frames in, swapped frames out.
+
+A frame moves through two stages (DESIGN.md, "The frame path"):
+
+- `track`: to an array, detect or track the faces, fit and smooth their landmarks;
+- `swap`: warp the source onto each chosen face, mask, colour-match, feathered blend.
+
+A scheduler (stream/scheduler.py) runs the stages on their own workers so stage `track`
+of frame N+1 overlaps stage `swap` of frame N; `process` runs both inline for callers
+that want one frame at a time. Between stages a frame travels as a `FrameJob`, owned by
+one stage at a time. A stage that raises does not lose the frame: `passthrough` sends it
+on unswapped and the error is counted under the stage's name.
+
+Settings that a user changes while streaming (source, quality, on/off, faces) are plain
+attributes read once per frame, so a change applies from the next frame on without a
+pause or a renegotiation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from livefuse.engines.pipeline import FacePipeline, FaceSelection, require_bgr8
+from livefuse.engines.swapper import SourceFace
+from livefuse.stream.quality import QualityController, QualityLevel, QualityMode
+from livefuse.stream.smoothing import OneEuroParams
+from livefuse.stream.tracking import FaceTracker, Track
+
+
+class ArrayConvertible(Protocol):
+    """A decoded video frame that can hand over its pixels (e.g. `av.VideoFrame`)."""
+
+    def to_ndarray(self, **kwargs: Any) -> np.ndarray: ...
+
+
+FrameInput = np.ndarray | ArrayConvertible
+
+
+@dataclass(frozen=True)
+class FrameStats:
+    index: int
+    latency_ms: float
+    """From `submit` (or the start of `process`) to the swapped frame being ready."""
+    stages_ms: dict[str, float]
+    faces: int
+    """Faces tracked in the frame."""
+    swapped: int
+    """Faces replaced by the source."""
+    quality: str
+    """The level in force for this frame."""
+    error: str | None = None
+    """The stage that failed, if the frame was sent through unswapped."""
+
+
+@dataclass(frozen=True)
+class ProcessedFrame:
+    image: np.ndarray
+    """BGR uint8; the input's size times the level's output scale."""
+    stats: FrameStats
+    tag: object = None
+    """Whatever the caller attached at submit (e.g. the input frame's pts and time base)."""
+
+
+@dataclass
+class FrameJob:
+    """A frame between stages; mutable, but only ever held by one stage at a time."""
+
+    frame: FrameInput
+    index: int
+    timestamp: float
+    """Media time in seconds (drives the landmark smoothing)."""
+    submitted: float
+    """time.perf_counter() when the frame entered the pipeline."""
+    tag: object = None
+    image: np.ndarray | None = None
+    level: QualityLevel | None = None
+    faces: list[Track] = field(default_factory=list)
+    stages_ms: dict[str, float] = field(default_factory=dict)
+
+
+Stage = tuple[str, Callable[[FrameJob], FrameJob]]
+
+
+class RealtimePipeline:
+    def __init__(
+        self,
+        *,
+        faces: FacePipeline,
+        quality: QualityMode = "auto",
+        face_selection: FaceSelection = "all",
+        target_fps: float = 30.0,
+        smoothing: OneEuroParams | None = None,
+    ) -> None:
+        self.face_pipeline = faces
+        self.tracker = FaceTracker(
+            detector=faces.detector, landmarker=faces.landmarker, smoothing=smoothing
+        )
+        self.controller = QualityController(mode=quality, target_fps=target_fps)
+        self.face_selection: FaceSelection = face_selection
+        self.source: SourceFace | None = None
+        self.enabled = True
+        self.errors: Counter[str] = Counter()
+        self.frames_out = 0
+        self._next_index = 0
+        # The stats are read by other threads (the service's stats endpoint).
+        self._lock = threading.Lock()
+
+    # -- settings a user may change while streaming -------------------------------------
+
+    @property
+    def quality(self) -> QualityMode:
+        return self.controller.mode
+
+    @quality.setter
+    def quality(self, mode: QualityMode) -> None:
+        self.controller.set_mode(mode)
+
+    # -- the stages ---------------------------------------------------------------------
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [("track", self.track), ("swap", self.swap)]
+
+    def new_job(
+        self, frame: FrameInput, *, timestamp: float, tag: object = None, submitted: float = 0.0
+    ) -> FrameJob:
+        with self._lock:
+            index = self._next_index
+            self._next_index += 1
+        return FrameJob(
+            frame=frame,
+            index=index,
+            timestamp=timestamp,
+            submitted=submitted or time.perf_counter(),
+            tag=tag,
+        )
+
+    def track(self, job: FrameJob) -> FrameJob:
+        started = time.perf_counter()
+        image = job.frame if isinstance(job.frame, np.ndarray) else None
+        if image is None:
+            image = job.frame.to_ndarray(format="bgr24")  # type: ignore[union-attr]
+        require_bgr8(image)
+        job.image = image
+        job.level = level = self.controller.level
+        job.stages_ms["to_array"] = _ms_since(started)
+        if not self.enabled or self.source is None:
+            return job
+        started = time.perf_counter()
+        refit = job.index % level.landmark_interval == 0
+        self.tracker.update(
+            image,
+            job.timestamp,
+            detect_size=level.detect_size,
+            detect_interval=level.detect_interval,
+            refit=refit,
+        )
+        job.faces = list(self.tracker.tracks)
+        job.stages_ms["track"] = _ms_since(started)
+        return job
+
+    def swap(self, job: FrameJob) -> FrameJob:
+        assert job.image is not None and job.level is not None, "swap runs after track"
+        source = self.source
+        chosen = self._chosen_faces(job.faces, job.level)
+        if not self.enabled or source is None or not chosen:
+            return job
+        started = time.perf_counter()
+        # The input array may be shared with the caller (a decoded frame, a bench clip):
+        # draw on a copy.
+        output = job.image.copy()
+        for track in chosen:
+            self.face_pipeline.swap_face_in_place(
+                output, source, track.mesh, scale=job.level.blend_scale
+            )
+        job.image = output
+        job.stages_ms["swap"] = _ms_since(started)
+        job.stages_ms["faces_swapped"] = float(len(chosen))
+        return job
+
+    def _chosen_faces(self, tracks: list[Track], level: QualityLevel) -> list[Track]:
+        by_size = sorted(tracks, key=lambda t: -t.size)
+        limit = 1 if self.face_selection == "largest" else level.max_faces
+        return by_size[:limit] if limit is not None else by_size
+
+    # -- leaving the pipeline -----------------------------------------------------------
+
+    def finish(self, job: FrameJob, *, dropped: int = 0) -> ProcessedFrame:
+        """The output frame and its stats; feeds the quality controller."""
+        assert job.image is not None and job.level is not None
+        image = _scaled(job.image, job.level.output_scale)
+        swapped = int(job.stages_ms.pop("faces_swapped", 0))
+        latency = _ms_since(job.submitted)
+        self.controller.record(latency, dropped=dropped)
+        stats = FrameStats(
+            index=job.index,
+            latency_ms=latency,
+            stages_ms=job.stages_ms,
+            faces=len(job.faces),
+            swapped=swapped,
+            quality=job.level.name,
+        )
+        with self._lock:
+            self.frames_out += 1
+        return ProcessedFrame(image=image, stats=stats, tag=job.tag)
+
+    def passthrough(self, job: FrameJob, stage: str, error: BaseException) -> ProcessedFrame | None:
+        """The frame as it came in, after `stage` raised `error`: never a black frame.
+
+        None when not even the frame's pixels could be read: there is nothing to send,
+        and the consumer repeats its last frame.
+        """
+        with self._lock:
+            self.errors[stage] += 1
+        image = job.image
+        if image is None and isinstance(job.frame, np.ndarray) and job.frame.dtype == np.uint8:
+            image = job.frame
+        if image is None:
+            return None
+        level = job.level or self.controller.level
+        latency = _ms_since(job.submitted)
+        self.controller.record(latency)
+        with self._lock:
+            self.frames_out += 1
+        stats = FrameStats(
+            index=job.index,
+            latency_ms=latency,
+            stages_ms=job.stages_ms,
+            faces=len(job.faces),
+            swapped=0,
+            quality=level.name,
+            error=f"{stage}: {type(error).__name__}: {error}",
+        )
+        return ProcessedFrame(image=image, stats=stats, tag=job.tag)
+
+    def process(
+        self, frame: FrameInput, *, timestamp: float, tag: object = None
+    ) -> ProcessedFrame | None:
+        """Both stages inline: one frame in, one out."""
+        job = self.new_job(frame, timestamp=timestamp, tag=tag)
+        for name, stage in self.stages:
+            try:
+                job = stage(job)
+            except Exception as error:  # the frame goes on unswapped; counted by stage
+                return self.passthrough(job, name, error)
+        return self.finish(job)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _scaled(image: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return image
+    height, width = image.shape[:2]
+    size = (max(2, round(width * scale) // 2 * 2), max(2, round(height * scale) // 2 * 2))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
