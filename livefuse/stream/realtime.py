@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import cv2
@@ -30,9 +30,10 @@ import numpy as np
 
 from livefuse.engines.pipeline import FacePipeline, FaceSelection, require_bgr8
 from livefuse.engines.swapper import SourceFace
+from livefuse.engines.types import FaceMesh
 from livefuse.stream.quality import QualityController, QualityLevel, QualityMode
 from livefuse.stream.smoothing import OneEuroParams
-from livefuse.stream.tracking import FaceTracker, Track
+from livefuse.stream.tracking import FaceTracker
 
 
 class ArrayConvertible(Protocol):
@@ -61,12 +62,30 @@ class FrameStats:
 
 
 @dataclass(frozen=True)
+class TrackedFace:
+    """One face as this frame saw it (frame pixel coordinates of the input)."""
+
+    track_id: int
+    points: np.ndarray
+    """The smoothed 468x3 landmarks the swap drew on."""
+    raw_points: np.ndarray
+    """The landmark model's own fit, before smoothing."""
+    presence: float
+    swapped: bool = False
+
+    @property
+    def mesh(self) -> FaceMesh:
+        return FaceMesh(points=self.points, presence=self.presence)
+
+
+@dataclass(frozen=True)
 class ProcessedFrame:
     image: np.ndarray
     """BGR uint8; the input's size times the level's output scale."""
     stats: FrameStats
     tag: object = None
     """Whatever the caller attached at submit (e.g. the input frame's pts and time base)."""
+    faces: tuple[TrackedFace, ...] = ()
 
 
 @dataclass
@@ -82,7 +101,10 @@ class FrameJob:
     tag: object = None
     image: np.ndarray | None = None
     level: QualityLevel | None = None
-    faces: list[Track] = field(default_factory=list)
+    faces: list[TrackedFace] = field(default_factory=list)
+    """A snapshot of the tracks as stage `track` left them: the tracker moves on to the
+    next frame while this one is still being swapped."""
+    swapped_ids: set[int] = field(default_factory=set)
     stages_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -163,7 +185,15 @@ class RealtimePipeline:
             detect_interval=level.detect_interval,
             refit=refit,
         )
-        job.faces = list(self.tracker.tracks)
+        job.faces = [
+            TrackedFace(
+                track_id=track.id,
+                points=track.smoothed,
+                raw_points=track.raw.points,
+                presence=track.raw.presence,
+            )
+            for track in self.tracker.tracks
+        ]
         job.stages_ms["track"] = _ms_since(started)
         return job
 
@@ -177,17 +207,17 @@ class RealtimePipeline:
         # The input array may be shared with the caller (a decoded frame, a bench clip):
         # draw on a copy.
         output = job.image.copy()
-        for track in chosen:
+        for face in chosen:
             self.face_pipeline.swap_face_in_place(
-                output, source, track.mesh, scale=job.level.blend_scale
+                output, source, face.mesh, scale=job.level.blend_scale
             )
         job.image = output
+        job.swapped_ids = {face.track_id for face in chosen}
         job.stages_ms["swap"] = _ms_since(started)
-        job.stages_ms["faces_swapped"] = float(len(chosen))
         return job
 
-    def _chosen_faces(self, tracks: list[Track], level: QualityLevel) -> list[Track]:
-        by_size = sorted(tracks, key=lambda t: -t.size)
+    def _chosen_faces(self, faces: list[TrackedFace], level: QualityLevel) -> list[TrackedFace]:
+        by_size = sorted(faces, key=lambda face: -face.mesh.size)
         limit = 1 if self.face_selection == "largest" else level.max_faces
         return by_size[:limit] if limit is not None else by_size
 
@@ -197,7 +227,6 @@ class RealtimePipeline:
         """The output frame and its stats; feeds the quality controller."""
         assert job.image is not None and job.level is not None
         image = _scaled(job.image, job.level.output_scale)
-        swapped = int(job.stages_ms.pop("faces_swapped", 0))
         latency = _ms_since(job.submitted)
         self.controller.record(latency, dropped=dropped)
         stats = FrameStats(
@@ -205,12 +234,13 @@ class RealtimePipeline:
             latency_ms=latency,
             stages_ms=job.stages_ms,
             faces=len(job.faces),
-            swapped=swapped,
+            swapped=len(job.swapped_ids),
             quality=job.level.name,
         )
         with self._lock:
             self.frames_out += 1
-        return ProcessedFrame(image=image, stats=stats, tag=job.tag)
+        faces = tuple(replace(face, swapped=face.track_id in job.swapped_ids) for face in job.faces)
+        return ProcessedFrame(image=image, stats=stats, tag=job.tag, faces=faces)
 
     def passthrough(self, job: FrameJob, stage: str, error: BaseException) -> ProcessedFrame | None:
         """The frame as it came in, after `stage` raised `error`: never a black frame.
