@@ -151,21 +151,33 @@ class FacePipeline:
         return output
 
     def swap_face_in_place(
-        self, frame_bgr: np.ndarray, source: SourceFace, mesh: FaceMesh, *, scale: float = 1.0
+        self,
+        frame_bgr: np.ndarray,
+        source: SourceFace,
+        mesh: FaceMesh,
+        *,
+        scale: float = 1.0,
+        shape_transfer: bool = True,
     ) -> None:
-        """Replace one face in the frame. `scale` < 1 renders, masks and colour-matches the
-        face at that fraction of its size and blends the upscaled result: the real-time
-        path's cheaper levels trade fine texture for time this way."""
+        """Replace one face in the frame.
+
+        The real-time path's cheaper levels trade detail for time: `scale` < 1 renders,
+        masks and colour-matches the face at that fraction of its size and blends the
+        upscaled result; `shape_transfer=False` keeps the target's face shape (no reshape
+        of the target's pixels, the costliest step after the landmarks).
+        """
         if not np.isfinite(mesh.points).all():
             return  # a broken fit: leave the face as it is
         started = time.perf_counter()
-        points = self.swapper.transfer_shape(source, mesh.points, self.shape_strength)
+        strength = self.shape_strength if shape_transfer else 0.0
+        points = self.swapper.transfer_shape(source, mesh.points, strength)
         box = face_box(FaceMesh(points=points, presence=mesh.presence), frame_bgr.shape[:2])
         if box is None:
             return
         x1, y1, x2, y2 = box
+        raster = None
         if points is not mesh.points:  # transfer_shape hands back the same array when off
-            self.swapper.reshape_target(frame_bgr, mesh.points, points)
+            raster = self.swapper.reshape_target(frame_bgr, mesh.points, points)
         region = frame_bgr[y1:y2, x1:x2]
         width, height = x2 - x1, y2 - y1
         # Below this face size a reduced render loses the eyes; render at full size then.
@@ -179,7 +191,7 @@ class FacePipeline:
             face_size = mesh.size * scale
             mask_points, mask_box = local, (0, 0, *small)
         else:
-            rendered, coverage = self.swapper.warp(source, points, box)
+            rendered, coverage = self.swapper.warp(source, points, box, raster=raster)
             target, face_size = region, mesh.size
             mask_points, mask_box = points, box
         self.timer.add("swap", started)

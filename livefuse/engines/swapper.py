@@ -144,6 +144,23 @@ def draw_order(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class MeshRaster:
+    """Triangle ids drawn over a frame box whose top-left corner is `origin`."""
+
+    ids: np.ndarray  # (H, W) int32, -1 where no triangle lies
+    origin: tuple[int, int]
+
+    def crop(self, box: tuple[int, int, int, int]) -> np.ndarray | None:
+        """The ids over `box` (x1, y1, x2, y2), or None if the box reaches outside."""
+        x1, y1, x2, y2 = box
+        ox, oy = self.origin
+        height, width = self.ids.shape
+        if x1 < ox or y1 < oy or x2 - ox > width or y2 - oy > height:
+            return None
+        return self.ids[y1 - oy : y2 - oy, x1 - ox : x2 - ox]
+
+
+@dataclass(frozen=True)
 class SourceFace:
     """A source identity ready to be swapped in: texture atlas plus its layout."""
 
@@ -309,7 +326,7 @@ class MeshSwapper:
         frame_bgr: np.ndarray,
         original: np.ndarray,
         moved: np.ndarray,
-    ) -> None:
+    ) -> MeshRaster | None:
         """Move the target's own pixels from its mesh to the moved mesh, in place.
 
         After `transfer_shape` the source is rendered on the moved mesh, but wherever the
@@ -317,6 +334,9 @@ class MeshSwapper:
         and cheeks around the mask) it must follow: otherwise the target's eyes sit beside
         the openings and its old jaw line stays. A band out to a fixed ring around the
         face absorbs the motion, so nothing moves beyond it.
+
+        Returns the triangle ids it drew the moved mesh with, which `warp` reuses for
+        the same mesh rather than rasterising it again; None if the face is off-frame.
         """
         height, width = frame_bgr.shape[:2]
         oval = self.topology.face_oval
@@ -328,7 +348,7 @@ class MeshSwapper:
         x2, y2 = np.ceil(np.maximum(source_xy.max(axis=0), dest_xy.max(axis=0))).astype(int) + 1
         x1, y1, x2, y2 = max(0, x1), max(0, y1), min(width, x2), min(height, y2)
         if x2 - x1 < 2 or y2 - y1 < 2:
-            return
+            return None
         triangles = self._reshape_triangles
         local = dest_xy - (x1, y1)
         # The band lies behind the face; the face's own triangles nearest last.
@@ -343,9 +363,15 @@ class MeshSwapper:
             frame_bgr, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
         frame_bgr[y1:y2, x1:x2][covered] = moved_pixels[covered]
+        return MeshRaster(ids=ids, origin=(int(x1), int(y1)))
 
     def warp(
-        self, source: SourceFace, target_points: np.ndarray, box: tuple[int, int, int, int]
+        self,
+        source: SourceFace,
+        target_points: np.ndarray,
+        box: tuple[int, int, int, int],
+        *,
+        raster: MeshRaster | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Render the source face onto `target_points` over the frame box (x1, y1, x2, y2).
 
@@ -353,6 +379,7 @@ class MeshSwapper:
         Triangles facing away from the camera are skipped: nearer ones cover them. The
         source's eyes cover the target's only while both are open, fading out as the
         target blinks; a closing eye shows the target's own lids, never a squashed eye.
+        `raster`, from `reshape_target` on the same points, saves drawing the mesh again.
         """
         triangles = self.triangles
         x1, y1, x2, y2 = box
@@ -364,9 +391,16 @@ class MeshSwapper:
         for (start, stop), weight in zip(self._eye_ranges, eye_weights, strict=True):
             triangle_weight[start:stop] = weight
         drawn &= triangle_weight > 0
-        order = draw_order(target_points, triangles)
-        order = order[drawn[order]]
-        ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1))
+        ids = raster.crop(box) if raster is not None else None
+        if ids is not None:
+            # The shared ids cover every triangle (and the reshape band): keep the drawn ones.
+            keep = np.zeros(len(self._reshape_triangles), dtype=bool)
+            keep[: len(triangles)] = drawn
+            ids = np.where(keep[np.maximum(ids, 0)] & (ids >= 0), ids, -1)
+        else:
+            order = draw_order(target_points, triangles)
+            order = order[drawn[order]]
+            ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1))
         map_x, map_y = source_coordinates(ids, local, source.uv, triangles)
         patch = cv2.remap(
             source.atlas, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE

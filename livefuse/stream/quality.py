@@ -28,6 +28,8 @@ class QualityLevel:
     """Landmarks are refitted every this many frames; between, the last fit is reused."""
     blend_scale: float
     """Resolution of the swap and blend relative to the face's own size in the frame."""
+    shape_transfer: bool
+    """Reshape the target towards the source's face shape (costly; identity gains)."""
     max_faces: int | None
     """At most this many faces (largest first) are swapped; None: all of them."""
     output_scale: float
@@ -41,6 +43,7 @@ LADDER: tuple[QualityLevel, ...] = (
         detect_interval=5,
         landmark_interval=1,
         blend_scale=1.0,
+        shape_transfer=True,
         max_faces=None,
         output_scale=1.0,
     ),
@@ -50,6 +53,7 @@ LADDER: tuple[QualityLevel, ...] = (
         detect_interval=10,
         landmark_interval=1,
         blend_scale=0.75,
+        shape_transfer=True,
         max_faces=None,
         output_scale=1.0,
     ),
@@ -59,6 +63,7 @@ LADDER: tuple[QualityLevel, ...] = (
         detect_interval=15,
         landmark_interval=2,
         blend_scale=0.5,
+        shape_transfer=False,
         max_faces=None,
         output_scale=1.0,
     ),
@@ -68,6 +73,7 @@ LADDER: tuple[QualityLevel, ...] = (
         detect_interval=20,
         landmark_interval=3,
         blend_scale=0.5,
+        shape_transfer=False,
         max_faces=4,
         output_scale=1.0,
     ),

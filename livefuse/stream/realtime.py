@@ -209,7 +209,11 @@ class RealtimePipeline:
         output = job.image.copy()
         for face in chosen:
             self.face_pipeline.swap_face_in_place(
-                output, source, face.mesh, scale=job.level.blend_scale
+                output,
+                source,
+                face.mesh,
+                scale=job.level.blend_scale,
+                shape_transfer=job.level.shape_transfer,
             )
         job.image = output
         job.swapped_ids = {face.track_id for face in chosen}

@@ -30,7 +30,9 @@ class Scheduler(Protocol):
     submitted: int
     dropped: int
 
-    def submit(self, frame: FrameInput, *, timestamp: float, tag: object = None) -> None: ...
+    def submit(
+        self, frame: FrameInput, *, timestamp: float, tag: object = None, block: bool = False
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -55,6 +57,12 @@ class _Slot:
             self._job = job
             self._changed.notify_all()
             return None
+
+    def wait_empty(self) -> None:
+        """Wait until the job here has been taken (or the slot is closed)."""
+        with self._changed:
+            while self._job is not None and not self._closed:
+                self._changed.wait()
 
     def take(self) -> FrameJob | None:
         """The next job, waiting for one; None once closed."""
@@ -100,10 +108,18 @@ class ThreadedScheduler:
         for worker in self._workers:
             worker.start()
 
-    def submit(self, frame: FrameInput, *, timestamp: float, tag: object = None) -> None:
-        """Hand a frame in; never blocks. A frame still waiting from before is dropped."""
+    def submit(
+        self, frame: FrameInput, *, timestamp: float, tag: object = None, block: bool = False
+    ) -> None:
+        """Hand a frame in. A frame still waiting from before is dropped (latest wins).
+
+        `block=True` first waits for the first stage to take the waiting frame, so none
+        is dropped: how the bench feeds frames as fast as the pipeline takes them.
+        """
         if self._closed:
             raise RuntimeError("the scheduler is closed")
+        if block:
+            self._slots[0].wait_empty()
         job = self.pipeline.new_job(
             frame, timestamp=timestamp, tag=tag, submitted=time.perf_counter()
         )
