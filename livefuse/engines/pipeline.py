@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import cv2
@@ -76,7 +77,9 @@ class FacePipeline:
             OnnxRuntimeEngine(store.path("face_landmark"), threads=threads)
         )
         swapper = MeshSwapper(MeshTopology.load(store.path("facemesh_topology")))
-        return cls(detector=detector, landmarker=landmarker, swapper=swapper, **options)  # type: ignore[arg-type]
+        pipeline = cls(detector=detector, landmarker=landmarker, swapper=swapper, **options)  # type: ignore[arg-type]
+        pipeline.models_dir = store.models_dir
+        return pipeline
 
     def __init__(
         self,
@@ -94,6 +97,8 @@ class FacePipeline:
         self.detection_size = detection_size
         self.shape_strength = shape_strength
         self.timer = timer or StageTimer()
+        self.models_dir: Path | None = None
+        """Where the models came from (`from_store`): a child process loads the same."""
 
     def find_faces(self, image_bgr: np.ndarray) -> list[FaceMesh]:
         """Meshes of the faces in a still image, largest first.

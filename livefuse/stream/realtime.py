@@ -33,6 +33,7 @@ from livefuse.engines.swapper import SourceFace
 from livefuse.engines.types import FaceMesh
 from livefuse.stream.quality import QualityController, QualityLevel, QualityMode
 from livefuse.stream.smoothing import OneEuroParams
+from livefuse.stream.tracker_process import TrackerProcess
 from livefuse.stream.tracking import FaceTracker
 
 
@@ -120,11 +121,21 @@ class RealtimePipeline:
         face_selection: FaceSelection = "all",
         target_fps: float = 30.0,
         smoothing: OneEuroParams | None = None,
+        track_in_child: bool = False,
     ) -> None:
+        """`track_in_child=True` runs the tracking in a child process (stream/
+        tracker_process.py), so that it and the swap each get a core; for pipelines driven
+        by a scheduler. Call `close()` when done with such a pipeline."""
         self.face_pipeline = faces
-        self.tracker = FaceTracker(
-            detector=faces.detector, landmarker=faces.landmarker, smoothing=smoothing
-        )
+        self.tracker: FaceTracker | TrackerProcess
+        if track_in_child:
+            if faces.models_dir is None:
+                raise ValueError("track_in_child needs a FacePipeline made by from_store")
+            self.tracker = TrackerProcess(models_dir=faces.models_dir, smoothing=smoothing)
+        else:
+            self.tracker = FaceTracker(
+                detector=faces.detector, landmarker=faces.landmarker, smoothing=smoothing
+            )
         self.controller = QualityController(mode=quality, target_fps=target_fps)
         self.face_selection: FaceSelection = face_selection
         self.source: SourceFace | None = None
@@ -134,6 +145,21 @@ class RealtimePipeline:
         self._next_index = 0
         # The stats are read by other threads (the service's stats endpoint).
         self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Forget the tracks and the quality history, as for a new stream (after a warm-up)."""
+        self.tracker.reset()
+        self.controller = QualityController(
+            mode=self.controller.mode, target_fps=1000.0 / self.controller.budget_ms
+        )
+        with self._lock:
+            self.errors.clear()
+            self.frames_out = 0
+
+    def close(self) -> None:
+        """Stop the tracking child process, if there is one. Safe to call twice."""
+        if isinstance(self.tracker, TrackerProcess):
+            self.tracker.close()
 
     # -- settings a user may change while streaming -------------------------------------
 

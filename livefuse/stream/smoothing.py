@@ -36,11 +36,13 @@ class OneEuroFilter:
     def __init__(self, params: OneEuroParams | None = None) -> None:
         self.params = params or OneEuroParams()
         self._value: np.ndarray | None = None
+        self._velocity: np.ndarray | None = None
         self._speed = 0.0
         self._time = 0.0
 
     def reset(self) -> None:
         self._value = None
+        self._velocity = None
         self._speed = 0.0
 
     def __call__(self, points: np.ndarray, timestamp: float, scale: float) -> np.ndarray:
@@ -54,11 +56,16 @@ class OneEuroFilter:
             elapsed = 1.0 / 30.0
         self._time = timestamp
         params = self.params
-        # The face's speed: the mean point displacement, in face sizes per second.
-        displacement = np.linalg.norm(points[:, :2] - self._value[:, :2], axis=1).mean()
-        raw_speed = float(displacement) / max(scale, 1.0) / elapsed
-        speed_alpha = _smoothing_factor(params.derivative_cutoff, elapsed)
-        self._speed += speed_alpha * (raw_speed - self._speed)
+        # Each point's velocity is low-passed before its magnitude is taken (as One Euro
+        # filters the derivative): sensor noise then cancels out instead of adding up to
+        # a speed that would open the filter on a face that is holding still.
+        velocity = (points[:, :2] - self._value[:, :2]) / elapsed
+        speed_alpha = np.float32(_smoothing_factor(params.derivative_cutoff, elapsed))
+        if self._velocity is None or self._velocity.shape != velocity.shape:
+            self._velocity = np.zeros_like(velocity)
+        self._velocity += speed_alpha * (velocity - self._velocity)
+        # In face sizes per second, so one setting suits near and far faces.
+        self._speed = float(np.linalg.norm(self._velocity, axis=1).mean()) / max(scale, 1.0)
         cutoff = params.min_cutoff + params.beta * self._speed
         alpha = np.float32(_smoothing_factor(cutoff, elapsed))
         self._value = self._value + alpha * (points - self._value)

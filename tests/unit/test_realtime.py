@@ -1,0 +1,236 @@
+"""The real-time pipeline on real models: tracking, the scheduler, the tracker process."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from livefuse.engines.pipeline import FacePipeline
+from livefuse.engines.store import ModelStore
+from livefuse.settings import Settings
+from livefuse.stream.clip import render_clip, write_clip
+from livefuse.stream.realtime import ProcessedFrame, RealtimePipeline
+from livefuse.stream.scheduler import ThreadedScheduler
+from livefuse.stream.tracker_process import TrackerProcess
+from livefuse.stream.tracking import FaceTracker
+
+CANVAS = (360, 640)  # height, width
+FPS = 30.0
+
+
+@pytest.fixture(scope="module")
+def faces(settings: Settings) -> FacePipeline:
+    return FacePipeline.from_store(ModelStore(settings.models_dir), threads=1)
+
+
+@pytest.fixture(scope="module")
+def astronaut_head() -> np.ndarray:
+    """The astronaut's head and shoulders, about 100 px of face."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[20:230, 130:320, ::-1])
+
+
+@pytest.fixture(scope="module")
+def second_head(group_bgr_module: np.ndarray) -> np.ndarray:
+    """A different person from insightface's t1.jpg (face at about 53..171, 270..394)."""
+    return np.ascontiguousarray(group_bgr_module[230:440, 10:215])
+
+
+@pytest.fixture(scope="module")
+def group_bgr_module(testdata_dir: Path) -> np.ndarray:
+    import cv2
+
+    image = cv2.imread(str(testdata_dir / "t1.jpg"))
+    assert image is not None, "run make install to fetch the test images"
+    return image
+
+
+def scene(*heads: tuple[np.ndarray, int]) -> np.ndarray:
+    """A grey 640x360 frame with each head pasted at x (left edge), 80 px from the top."""
+    frame = np.full((*CANVAS, 3), 110, dtype=np.uint8)
+    for head, x in heads:
+        h, w = head.shape[:2]
+        left, right = max(0, x), min(CANVAS[1], x + w)
+        if right > left:
+            frame[80 : 80 + h, left:right] = head[:, left - x : right - x]
+    return frame
+
+
+def track_ids(tracker: FaceTracker | TrackerProcess) -> list[int]:
+    return sorted(track.id for track in tracker.tracks)
+
+
+def test_a_face_keeps_its_id_while_it_moves_and_a_new_face_gets_a_new_one(
+    faces: FacePipeline, astronaut_head: np.ndarray, second_head: np.ndarray
+) -> None:
+    tracker = FaceTracker(detector=faces.detector, landmarker=faces.landmarker)
+    seen: list[list[int]] = []
+    for index in range(30):
+        heads = [(astronaut_head, 40 + 4 * index)]
+        if index >= 15:  # a second person steps in from the right
+            heads.append((second_head, 420))
+        tracker.update(scene(*heads), index / FPS, detect_size=480, detect_interval=5)
+        seen.append(track_ids(tracker))
+    first = seen[2]
+    assert len(first) == 1
+    assert all(ids == first for ids in seen[2:15]), seen
+    # The newcomer is found within one detection interval and the first id survives.
+    assert len(seen[-1]) == 2 and first[0] in seen[-1], seen
+    # Then the first person leaves: the track goes, the other stays.
+    for index in range(30, 36):
+        tracker.update(scene((second_head, 420)), index / FPS, detect_size=480, detect_interval=5)
+    assert len(tracker.tracks) == 1 and first[0] not in track_ids(tracker)
+
+
+def test_faces_crossing_keep_the_front_face_and_both_are_tracked_after(
+    faces: FacePipeline, astronaut_head: np.ndarray, second_head: np.ndarray
+) -> None:
+    tracker = FaceTracker(detector=faces.detector, landmarker=faces.landmarker)
+    front_ids = []
+    for index in range(40):
+        # The astronaut walks right, in front; the other person walks left, behind.
+        astronaut_x = 20 + 9 * index
+        frame = scene((second_head, 430 - 9 * index), (astronaut_head, astronaut_x))
+        tracker.update(frame, index / FPS, detect_size=480, detect_interval=5)
+        ids = track_ids(tracker)
+        assert len(ids) == len(set(ids)) <= 2
+        # The track on the astronaut's face (about 48..142 px into the crop).
+        front = [
+            t.id
+            for t in tracker.tracks
+            if abs(float(t.raw.box[0]) - (astronaut_x + 48)) < 25 and t.raw.box[1] < 170
+        ]
+        front_ids.append(front)
+    assert len(tracker.tracks) == 2
+    # The face in front is never lost or renamed by the one passing behind it.
+    assert all(ids == front_ids[2] for ids in front_ids[2:]) and len(front_ids[2]) == 1, front_ids
+
+
+def test_the_tracker_process_matches_the_tracker_and_survives_its_child_dying(
+    faces: FacePipeline, astronaut_head: np.ndarray, settings: Settings
+) -> None:
+    local = FaceTracker(detector=faces.detector, landmarker=faces.landmarker)
+    remote = TrackerProcess(models_dir=settings.models_dir)
+    try:
+        for index in range(8):
+            frame = scene((astronaut_head, 100 + 5 * index))
+            options = {"detect_size": 480, "detect_interval": 4}
+            local_counts = local.update(frame, index / FPS, **options)
+            remote_counts = remote.update(frame, index / FPS, **options)
+            assert remote_counts == local_counts
+            assert track_ids(remote) == track_ids(local)
+            for mine, theirs in zip(remote.tracks, local.tracks, strict=True):
+                np.testing.assert_allclose(mine.smoothed, theirs.smoothed, atol=1e-3)
+                np.testing.assert_allclose(mine.raw.points, theirs.raw.points, atol=1e-3)
+
+        remote._process.kill()  # the child dies mid-stream
+        remote._process.join()
+        with pytest.raises(RuntimeError, match="tracker process failed"):
+            remote.update(scene((astronaut_head, 140)), 8 / FPS, detect_size=480, detect_interval=4)
+        # The next frame starts a new child, which finds the face again.
+        remote.update(scene((astronaut_head, 140)), 9 / FPS, detect_size=480, detect_interval=4)
+        assert len(remote.tracks) == 1
+    finally:
+        remote.close()
+    remote.close()  # twice is fine
+
+
+def run_scheduler(
+    pipeline: RealtimePipeline, frames: list[np.ndarray], *, block: bool
+) -> tuple[list[ProcessedFrame], ThreadedScheduler]:
+    outputs: list[ProcessedFrame] = []
+    done = threading.Condition()
+
+    def keep(output: ProcessedFrame) -> None:
+        with done:
+            outputs.append(output)
+            done.notify_all()
+
+    scheduler = ThreadedScheduler(pipeline, on_output=keep, name="test")
+    for index, frame in enumerate(frames):
+        scheduler.submit(frame, timestamp=index / FPS, tag=index, block=block)
+    with done:
+        done.wait_for(lambda: len(outputs) + scheduler.dropped >= len(frames), timeout=30)
+    scheduler.close()
+    return outputs, scheduler
+
+
+def test_the_scheduler_keeps_the_latest_frame_and_loses_none_silently(
+    faces: FacePipeline, astronaut_head: np.ndarray, hanks_bgr: np.ndarray
+) -> None:
+    pipeline = RealtimePipeline(faces=faces, quality="high")
+    pipeline.source = faces.prepare_source(hanks_bgr).face
+    frames = [scene((astronaut_head, 100 + 3 * i)) for i in range(24)]
+
+    outputs, scheduler = run_scheduler(pipeline, frames, block=False)
+
+    assert scheduler.dropped > 0  # handed in far faster than a frame takes
+    assert len(outputs) + scheduler.dropped == len(frames)
+    tags = [output.tag for output in outputs]
+    assert tags == sorted(tags) and tags[-1] == len(frames) - 1  # the newest always gets out
+    assert all(output.stats.swapped == 1 for output in outputs[1:])
+    swapped = outputs[-1]
+    assert not np.array_equal(swapped.image, frames[swapped.tag])  # type: ignore[index]
+
+
+def test_a_stage_that_raises_passes_the_frame_through_and_counts_it(
+    faces: FacePipeline, astronaut_head: np.ndarray
+) -> None:
+    pipeline = RealtimePipeline(faces=faces, quality="fast")
+    pipeline.source = "not a prepared face"  # type: ignore[assignment]  # swap will raise
+    frames = [scene((astronaut_head, 100 + i)) for i in range(4)]
+
+    outputs, _ = run_scheduler(pipeline, frames, block=True)
+
+    assert len(outputs) == 4
+    for output in outputs:
+        assert np.array_equal(output.image, frames[output.tag])  # type: ignore[index]
+        assert output.stats.error is not None and output.stats.error.startswith("swap:")
+    assert pipeline.errors["swap"] == 4
+
+
+def test_the_pipeline_swaps_through_the_tracker_process(
+    faces: FacePipeline, astronaut_head: np.ndarray, hanks_bgr: np.ndarray
+) -> None:
+    pipeline = RealtimePipeline(faces=faces, quality="balanced", track_in_child=True)
+    try:
+        pipeline.source = faces.prepare_source(hanks_bgr).face
+        frames = [scene((astronaut_head, 100 + 2 * i)) for i in range(6)]
+        outputs, _ = run_scheduler(pipeline, frames, block=True)
+    finally:
+        pipeline.close()
+    assert [output.tag for output in outputs] == list(range(6))
+    assert [output.stats.swapped for output in outputs] == [1] * 6
+    assert all(output.stats.quality == "balanced" for output in outputs)
+
+
+def test_clip_maker_writes_mp4_and_y4m_that_decode_to_the_asked_size(
+    tmp_path: Path, astronaut_head: np.ndarray
+) -> None:
+    for suffix in (".mp4", ".y4m"):
+        path = write_clip(astronaut_head, tmp_path / f"clip{suffix}", seconds=0.5, size=(320, 240))
+        with av.open(str(path)) as container:
+            decoded = [f.to_ndarray(format="bgr24") for f in container.decode(video=0)]
+        assert len(decoded) == 15
+        assert decoded[0].shape == (240, 320, 3)
+    with pytest.raises(ValueError, match=r"\.mp4 or \.y4m"):
+        write_clip(astronaut_head, tmp_path / "clip.avi", seconds=0.1)
+
+
+def test_a_static_clip_only_has_noise_and_a_moving_one_moves(astronaut_head: np.ndarray) -> None:
+    def change(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a.astype(np.int16) - b).mean())
+
+    options = {"seconds": 1.0, "size": (320, 240), "noise": 2.0}
+    still = list(render_clip(astronaut_head, static=True, **options))  # type: ignore[arg-type]
+    moving = list(render_clip(astronaut_head, **options))  # type: ignore[arg-type]
+    assert change(still[0], still[-1]) < 3.0  # noise of sigma 2: |a - b| averages about 2.3
+    assert change(moving[0], moving[-1]) > change(still[0], still[-1]) + 5.0
+    # Seeded: the same clip again, frame for frame.
+    again = list(render_clip(astronaut_head, **options))  # type: ignore[arg-type]
+    assert all(np.array_equal(a, b) for a, b in zip(moving, again, strict=True))

@@ -1,0 +1,81 @@
+"""The real-time pipeline's control parts: One Euro smoothing and the quality controller."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from livefuse.stream.quality import LADDER, QualityController
+from livefuse.stream.smoothing import OneEuroFilter, OneEuroParams
+
+FPS = 30.0
+FACE_SIZE = 100.0
+
+
+def run_filter(filter_: OneEuroFilter, positions: np.ndarray) -> np.ndarray:
+    """Filter a (frames, points, 3) sequence of landmark sets at 30 fps."""
+    return np.stack(
+        [filter_(points, index / FPS, FACE_SIZE) for index, points in enumerate(positions)]
+    )
+
+
+def test_one_euro_removes_most_of_the_jitter_of_a_still_face() -> None:
+    rng = np.random.default_rng(1)
+    rest = rng.uniform(0, 200, size=(468, 3)).astype(np.float32)
+    noisy = rest + rng.normal(0, 1.0, size=(90, 468, 3)).astype(np.float32)
+
+    smoothed = run_filter(OneEuroFilter(), noisy)
+
+    raw_rms = np.sqrt(((noisy[15:, :, :2] - rest[:, :2]) ** 2).sum(axis=2).mean())
+    smooth_rms = np.sqrt(((smoothed[15:, :, :2] - rest[:, :2]) ** 2).sum(axis=2).mean())
+    assert smooth_rms < 0.35 * raw_rms
+
+
+def test_one_euro_follows_a_moving_face_closely() -> None:
+    # One face size per second to the right: a brisk head movement.
+    start = np.zeros((468, 3), dtype=np.float32)
+    steps = np.arange(60, dtype=np.float32)[:, None, None] * np.array(
+        [FACE_SIZE / FPS, 0, 0], dtype=np.float32
+    )
+    moving = start + steps
+
+    smoothed = run_filter(OneEuroFilter(), moving)
+
+    lag_px = float(np.abs(moving[30:, :, 0] - smoothed[30:, :, 0]).max())
+    assert lag_px < 0.1 * FACE_SIZE  # under two frames' worth of motion
+    # Less smoothing (a higher resting cutoff) lags less still: the parameters are live.
+    looser = run_filter(OneEuroFilter(OneEuroParams(min_cutoff=3.0)), moving)
+    assert float(np.abs(moving[30:, :, 0] - looser[30:, :, 0]).max()) < lag_px
+
+
+def test_controller_steps_down_fast_and_up_slowly() -> None:
+    controller = QualityController(mode="auto", target_fps=FPS)  # 33.3 ms budget
+    assert controller.level.name == "high"
+    controller.record(40.0)
+    controller.record(40.0)  # two of the last four over 90% of the budget
+    assert controller.level.name == "balanced"
+    controller.record(60.0)  # one frame at 1.8x the budget is enough on its own
+    assert controller.level.name == "fast"
+    for _ in range(44):
+        controller.record(10.0)
+    assert controller.level.name == "fast"  # not yet: 45 quiet frames are needed
+    controller.record(10.0)
+    assert controller.level.name == "balanced"
+
+
+def test_controller_steps_down_on_a_dropped_frame_and_stops_at_the_bottom() -> None:
+    controller = QualityController(mode="auto", target_fps=FPS)
+    for _ in range(len(LADDER) + 2):
+        controller.record(5.0, dropped=1)
+    assert controller.level is LADDER[-1]
+
+
+def test_a_pinned_level_holds_whatever_the_frame_times() -> None:
+    controller = QualityController(mode="high", target_fps=FPS)
+    for _ in range(10):
+        controller.record(100.0, dropped=1)
+    assert controller.level.name == "high"
+    controller.set_mode("fast")
+    assert controller.level.name == "fast"
+    with pytest.raises(ValueError, match="quality must be one of"):
+        controller.set_mode("ultra")  # type: ignore[arg-type]
