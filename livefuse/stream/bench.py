@@ -1,0 +1,182 @@
+"""Measuring the real-time pipeline over a clip, as a live stream would drive it.
+
+The clip is decoded into memory first, so decoding never counts. Paced (the default),
+frames are handed in at the clip's frame rate the way a camera delivers them, and a frame
+that arrives while the pipeline is still busy replaces the waiting one and counts as
+dropped; latency is from hand-in to the swapped frame. Unpaced, each frame is handed in
+as soon as the first stage takes the previous one: the pipeline's throughput.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+
+from livefuse.stream.realtime import ProcessedFrame, RealtimePipeline
+from livefuse.stream.scheduler import ThreadedScheduler
+
+# Frames the smoothing needs to settle before a track's jitter is measured.
+_JITTER_SETTLE_FRAMES = 15
+# Only tracks seen in at least this many frames are measured for jitter.
+_JITTER_MIN_FRAMES = 30
+# After the last frame is handed in, how long to wait for the pipeline to finish it.
+_DRAIN_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Clip:
+    frames: list[np.ndarray]
+    width: int
+    height: int
+    fps: float
+
+
+def load_clip(path: Path, *, max_frames: int | None = None) -> Clip:
+    """Decode a video's frames into memory as BGR arrays."""
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as error:
+        raise ValueError(f"{path}: cannot open the video ({error})") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps = float(stream.average_rate or stream.guessed_rate or 30)
+        frames = []
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray(format="bgr24"))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    if not frames:
+        raise ValueError(f"{path}: the video has no frames")
+    height, width = frames[0].shape[:2]
+    return Clip(frames=frames, width=width, height=height, fps=fps)
+
+
+@dataclass
+class _Collected:
+    outputs: list[ProcessedFrame]
+    output_times: list[float]
+    done: threading.Condition
+
+
+def run_bench(
+    pipeline: RealtimePipeline,
+    clip: Clip,
+    *,
+    paced: bool = True,
+    on_frame: Callable[[ProcessedFrame], None] | None = None,
+) -> dict[str, object]:
+    """Run the clip through a threaded scheduler; the figures of DESIGN.md's bench JSON."""
+    collected = _Collected(outputs=[], output_times=[], done=threading.Condition())
+
+    def keep(output: ProcessedFrame) -> None:
+        with collected.done:
+            collected.outputs.append(output)
+            collected.output_times.append(time.perf_counter())
+            collected.done.notify_all()
+        if on_frame is not None:
+            on_frame(output)
+
+    scheduler = ThreadedScheduler(pipeline, on_output=keep, name="bench")
+    interval = 1.0 / clip.fps
+    started = time.perf_counter()
+    try:
+        for index, frame in enumerate(clip.frames):
+            if paced:
+                delay = started + index * interval - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            scheduler.submit(frame, timestamp=index * interval, tag=index, block=not paced)
+        # Every frame handed in either comes out or was replaced (dropped).
+        with collected.done:
+            collected.done.wait_for(
+                lambda: len(collected.outputs) + scheduler.dropped >= scheduler.submitted,
+                timeout=_DRAIN_TIMEOUT_S,
+            )
+    finally:
+        scheduler.close()
+    outputs = collected.outputs
+    elapsed = (collected.output_times[-1] - started) if outputs else float("nan")
+    return summarise(
+        outputs,
+        clip=clip,
+        elapsed_s=elapsed,
+        dropped=len(clip.frames) - len(outputs),
+        errors=dict(pipeline.errors),
+    )
+
+
+def summarise(
+    outputs: list[ProcessedFrame],
+    *,
+    clip: Clip,
+    elapsed_s: float,
+    dropped: int,
+    errors: dict[str, int],
+) -> dict[str, object]:
+    latencies = np.array([o.stats.latency_ms for o in outputs]) if outputs else np.zeros(1)
+    stage_totals: dict[str, list[float]] = defaultdict(list)
+    for output in outputs:
+        for stage, ms in output.stats.stages_ms.items():
+            stage_totals[stage].append(ms)
+    return {
+        "video": {
+            "width": clip.width,
+            "height": clip.height,
+            "fps": round(clip.fps, 3),
+            "frames": len(clip.frames),
+        },
+        "frames_out": len(outputs),
+        "fps": round(len(outputs) / elapsed_s, 2) if outputs and elapsed_s > 0 else 0.0,
+        "dropped_frames": dropped,
+        "latency_ms": {f"p{p}": round(float(np.percentile(latencies, p)), 2) for p in (50, 95, 99)},
+        "stages_ms": {
+            stage: round(float(np.mean(values)), 2) for stage, values in stage_totals.items()
+        },
+        "faces_per_frame": _mean([o.stats.faces for o in outputs]),
+        "swapped_faces_per_frame": _mean([o.stats.swapped for o in outputs]),
+        "quality_levels": dict(Counter(o.stats.quality for o in outputs)),
+        "errors": errors,
+        "landmark_jitter_px": landmark_jitter(outputs),
+    }
+
+
+def landmark_jitter(outputs: list[ProcessedFrame]) -> dict[str, float | None]:
+    """RMS distance (px) of each landmark from its own mean position, per track.
+
+    On a static clip every movement of a landmark is jitter: this is the figure that
+    shows the smoothing at work (`raw` is the landmark model's own fit, unsmoothed). On a
+    moving clip it measures the motion, not the jitter.
+    """
+    smoothed: dict[int, list[np.ndarray]] = defaultdict(list)
+    raw: dict[int, list[np.ndarray]] = defaultdict(list)
+    for output in outputs:
+        for face in output.faces:
+            smoothed[face.track_id].append(face.points[:, :2])
+            raw[face.track_id].append(face.raw_points[:, :2])
+
+    def rms(per_track: dict[int, list[np.ndarray]]) -> float | None:
+        squares, count = 0.0, 0
+        for series in per_track.values():
+            if len(series) < _JITTER_MIN_FRAMES:
+                continue
+            points = np.stack(series[_JITTER_SETTLE_FRAMES:])  # (frames, 468, 2)
+            deviation = points - points.mean(axis=0)
+            squares += float((deviation**2).sum(axis=2).sum())
+            count += deviation.shape[0] * deviation.shape[1]
+        return round(float(np.sqrt(squares / count)), 3) if count else None
+
+    return {"smoothed": rms(smoothed), "raw": rms(raw)}
+
+
+def _mean(values: list[int]) -> float:
+    return round(float(np.mean(values)), 3) if values else 0.0
