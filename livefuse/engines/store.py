@@ -35,6 +35,7 @@ from livefuse.engines.registry import (
     MODELS,
     ModelSpec,
     OnnxSignature,
+    OwnSource,
     PackageSource,
     PathSource,
     Source,
@@ -57,10 +58,16 @@ class UnknownModelError(ModelError):
 
 
 class ModelMissingError(ModelError):
-    def __init__(self, name: str, models_dir: Path) -> None:
-        super().__init__(
-            f"model {name!r} is missing from {models_dir}: run `livefuse models pull {name}`"
-        )
+    def __init__(self, name: str, models_dir: Path, *, bring_your_own: bool = False) -> None:
+        if bring_your_own:
+            super().__init__(
+                f"model {name!r} is not registered in {models_dir}: run "
+                f"`livefuse models pull {name} --url URL` or `--path FILE` (see the README)"
+            )
+        else:
+            super().__init__(
+                f"model {name!r} is missing from {models_dir}: run `livefuse models pull {name}`"
+            )
         self.name = name
 
 
@@ -103,6 +110,9 @@ class ConvertedModel:
     path: Path
     versions: Mapping[str, str]
     """The tools the converter used and their versions, for the sidecar."""
+    origin: Mapping[str, Any] | None = None
+    """Where a bring-your-own file came from (`{"url": ...}` or `{"path": ...}`), for
+    the sidecar; None for pinned sources, whose record is the pin itself."""
 
 
 class ModelStore:
@@ -162,31 +172,41 @@ class ModelStore:
         specs = [self.spec(name) for name in chosen]  # every name checked before any work
         return {spec.name: self._verify_one(spec) for spec in specs}
 
-    def commit(self, converted: ConvertedModel) -> Path:
+    def commit(
+        self, converted: ConvertedModel, *, sha256: str | None = None, move: bool = False
+    ) -> Path:
         """Move a converted model into the store beside its sidecar, atomically.
 
         Replaces whatever was there; the caller has checked the converted file's signature
-        (`convert_member` does).
+        (`convert_member` does). `sha256` saves hashing a large file again when the
+        caller has just hashed it; `move` takes the file itself rather than a copy when it
+        lies on the same filesystem.
         """
         spec = self.spec(converted.name)
         produced = converted.path
+        digest = sha256 or sha256_file(produced)
+        source = _source_record(spec.source)
+        if isinstance(spec.source, OwnSource):
+            source.update(converted.origin or {})
+            source["sha256"] = digest
         record = {
             "name": spec.name,
             "file": spec.filename,
-            "sha256": sha256_file(produced),
+            "sha256": digest,
             "size": produced.stat().st_size,
-            "source": _source_record(spec.source),
+            "source": source,
             "converter": {"name": spec.converter, "versions": dict(converted.versions)},
             "livefuse": __version__,
         }
         self._models_dir.mkdir(parents=True, exist_ok=True)
         target = self._models_dir / spec.filename
         with _staged(target) as staged_model, _staged(_sidecar_path(target)) as staged_record:
-            with open(produced, "rb") as src, open(staged_model, "wb") as dst:
-                while chunk := src.read(_CHUNK):
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
+            if not (move and _move(produced, staged_model)):
+                with open(produced, "rb") as src, open(staged_model, "wb") as dst:
+                    while chunk := src.read(_CHUNK):
+                        dst.write(chunk)
+                    dst.flush()
+                    os.fsync(dst.fileno())
             staged_record.write_text(json.dumps(record, indent=2) + "\n")
             for staged in (staged_model, staged_record):
                 staged.chmod(0o644)  # mkstemp makes them private; models are not secret
@@ -202,7 +222,9 @@ class ModelStore:
         """Existence, sidecar, size, sha256 and source pins; returns the sidecar."""
         path = self._models_dir / spec.filename
         if not path.is_file():
-            raise ModelMissingError(spec.name, self._models_dir)
+            raise ModelMissingError(
+                spec.name, self._models_dir, bring_your_own=isinstance(spec.source, OwnSource)
+            )
         record = self.record(spec.name)
         if record is None:
             raise ModelCorruptError(spec.name, path, "its record .json is missing or unreadable")
@@ -212,7 +234,7 @@ class ModelStore:
                 spec.name, path, f"{stat.st_size} bytes, expected {record.get('size')}"
             )
         if (
-            record.get("source") != _source_record(spec.source)
+            not _source_matches(record.get("source"), spec.source)
             or record.get("converter", {}).get("name") != spec.converter
         ):
             raise ModelCorruptError(
@@ -277,18 +299,36 @@ def _check_onnx(path: Path, signature: OnnxSignature) -> str:
     )
     for role, actual, expected in groups:
         actual_names = [v.name for v in actual]
-        expected_names = [t.name for t in expected]
-        if actual_names != expected_names:
-            return f"{role}s are {actual_names}, expected {expected_names}"
+        if role == "output" and signature.extra_outputs:
+            actual, actual_names = actual[: len(expected)], actual_names[: len(expected)]
+        if len(actual) != len(expected) or any(
+            t.name is not None and t.name != got
+            for t, got in zip(expected, actual_names, strict=True)
+        ):
+            wanted = [t.name if t.name is not None else _shape_text(t.shape) for t in expected]
+            return f"{role}s are {actual_names}, expected {wanted}"
         for value, tensor in zip(actual, expected, strict=True):
             dims = _dims(value)
             fits = len(dims) == tensor.rank and all(
-                (isinstance(want, str) and not isinstance(got, int)) or got == want
+                want is None or (isinstance(want, str) and not isinstance(got, int)) or got == want
                 for got, want in zip(dims, tensor.shape, strict=True)
             )
             if not fits:
-                return f"{role} {value.name!r} has shape {dims}, expected {list(tensor.shape)}"
+                return (
+                    f"{role} {value.name!r} has shape {dims}, expected {_shape_text(tensor.shape)}"
+                )
+    if signature.last_initializer is not None:
+        last = tuple(graph.initializer[-1].dims) if graph.initializer else None
+        if last != signature.last_initializer:
+            return (
+                f"its last initializer has shape {list(last) if last is not None else None}, "
+                f"expected {list(signature.last_initializer)}"
+            )
     return ""
+
+
+def _shape_text(shape: tuple[int | str | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def _check_topology(path: Path, signature: TopologySignature) -> str:
@@ -526,7 +566,31 @@ def _source_record(source: Source) -> dict[str, Any]:
         }
     if isinstance(source, PathSource):
         return {"kind": "path", "path": str(source.path), "sha256": source.sha256}
+    if isinstance(source, OwnSource):
+        return {"kind": "own"}
     return {"kind": "url", "url": source.url, "sha256": source.sha256}
+
+
+def _source_matches(recorded: object, source: Source) -> bool:
+    """Whether a sidecar's source record is one this build accepts for `source`.
+
+    A pinned source must be recorded exactly; a bring-your-own file may have come from
+    anywhere, but where public files are pinned its sha256 must be one of theirs.
+    """
+    if not isinstance(source, OwnSource):
+        return recorded == _source_record(source)
+    if not isinstance(recorded, dict) or recorded.get("kind") != "own":
+        return False
+    return not source.pinned_sha256 or recorded.get("sha256") in source.pinned_sha256
+
+
+def _move(src: Path, dst: Path) -> bool:
+    """Rename `src` onto `dst`; False (and nothing moved) across filesystems."""
+    try:
+        os.replace(src, dst)
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

