@@ -39,6 +39,35 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     """Largest encoded image accepted."""
 
+    # -- the service (`livefuse serve`; its flags override these) ------------------------
+
+    host: str = "127.0.0.1"
+    """Address `livefuse serve` listens on."""
+
+    port: int = Field(default=8080, ge=0, le=65535)
+
+    token: str | None = None
+    """Bearer token required on /api, /whip and /whep when set."""
+
+    max_sessions: int = Field(default=2, ge=1)
+    """Concurrent WHIP sessions; one more is refused with 503 and Retry-After."""
+
+    max_viewers: int = Field(default=16, ge=1)
+    """WHEP viewers per session."""
+
+    max_sources: int = Field(default=64, ge=1)
+    """Source faces kept in memory; the oldest unused one goes first."""
+
+    max_sdp_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest SDP offer or trickle-ICE fragment accepted."""
+
+    idle_timeout_s: float = Field(default=15.0, gt=0)
+    """A session whose publisher sends no video for this long is ended (a vanished peer)."""
+
+    ice_servers: list[str] = Field(default_factory=list)
+    """STUN/TURN URLs for the server's peer connections (JSON list in the environment).
+    Empty: host candidates only, enough on a LAN or loopback."""
+
     @field_validator("home")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:

@@ -1,0 +1,269 @@
+"""One live stream: a publisher's tracks in, one processing, any number of outputs.
+
+A `StreamSession` owns everything per stream and nothing else: the real-time pipeline
+(it holds the face tracks), the scheduler's two worker threads, the task that reads the
+publisher's video, the output slot every sender pulls from, and the audio relay. It is
+built with its dependencies (`RealtimePipeline`, the loop, callbacks) and torn down by
+`close()`, which leaves no task or thread behind. The web layer decides when a session
+starts and ends; here is only what happens to the frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import av
+from aiortc import MediaStreamTrack
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamError
+
+from livefuse.stream.realtime import FrameStats, ProcessedFrame, RealtimePipeline
+from livefuse.stream.scheduler import ThreadedScheduler
+from livefuse.stream.tracks import (
+    OutputSlot,
+    ProcessedVideoTrack,
+    latest_frame,
+    pts_90k,
+    to_output_frame,
+)
+
+log = logging.getLogger(__name__)
+
+# Frames kept for the latency percentiles and the fps windows.
+_STATS_WINDOW = 300
+_FPS_WINDOW_S = 2.0
+
+
+@dataclass(frozen=True)
+class SessionStats:
+    fps_in: float
+    fps_out: float
+    frames_in: int
+    frames_out: int
+    dropped: int
+    """Frames never processed: replaced while waiting (scheduler) or skipped in aiortc's queue."""
+    latency_ms: dict[str, float]
+    """p50/p95/p99 of pipeline latency over the last frames."""
+    quality: str
+    """The level in force."""
+    quality_mode: str
+    faces: int
+    swapped: int
+    errors: dict[str, int]
+    repeats: int
+    """Frames re-sent because no new one was ready (summed over the outputs)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "fps_in": round(self.fps_in, 2),
+            "fps_out": round(self.fps_out, 2),
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "dropped_frames": self.dropped,
+            "latency_ms": {k: round(v, 2) for k, v in self.latency_ms.items()},
+            "quality": self.quality,
+            "quality_mode": self.quality_mode,
+            "faces": self.faces,
+            "swapped": self.swapped,
+            "errors": self.errors,
+            "repeated_frames": self.repeats,
+        }
+
+
+def _rate(times: deque[float], now: float) -> float:
+    recent = [t for t in times if now - t <= _FPS_WINDOW_S]
+    if len(recent) < 2:
+        return 0.0
+    span = max(now - recent[0], 1e-6)
+    return (len(recent) - 1) / span if now - recent[-1] < _FPS_WINDOW_S else 0.0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+class StreamSession:
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        pipeline: RealtimePipeline,
+        loop: asyncio.AbstractEventLoop,
+        idle_timeout_s: float,
+        on_frame: Callable[[FrameStats], None] | None = None,
+        on_idle: Callable[[StreamSession], None] | None = None,
+    ) -> None:
+        self.id = session_id
+        self.pipeline = pipeline
+        self.output = OutputSlot()
+        self.created = time.time()
+        self.frames_in = 0
+        self.skipped = 0
+        self.last_input = time.monotonic()
+        self._loop = loop
+        self._idle_timeout_s = idle_timeout_s
+        self._on_frame = on_frame
+        self._on_idle = on_idle
+        self._in_times: deque[float] = deque(maxlen=_STATS_WINDOW)
+        self._out_times: deque[float] = deque(maxlen=_STATS_WINDOW)
+        self._latencies: deque[float] = deque(maxlen=_STATS_WINDOW)
+        self._last_stats: FrameStats | None = None
+        self._outputs: list[ProcessedVideoTrack] = []
+        self._audio: MediaStreamTrack | None = None
+        self._audio_relay = MediaRelay()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.scheduler = ThreadedScheduler(
+            pipeline, on_output=self._from_worker, name=f"livefuse-{session_id[:8]}"
+        )
+        self._start(self._watch_idle(), "idle")
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def attach_video(self, track: MediaStreamTrack) -> None:
+        self._start(self._read_video(track), "video-in")
+
+    def attach_audio(self, track: MediaStreamTrack) -> None:
+        self._audio = track
+        # aiortc queues every decoded frame of a remote track until someone reads it:
+        # with no viewer listening, this reader keeps the relay (and memory) moving.
+        self._start(self._drain(self._audio_relay.subscribe(track, buffered=False)), "audio")
+
+    @staticmethod
+    async def _drain(track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                await track.recv()
+            except MediaStreamError:
+                return
+
+    @property
+    def has_audio(self) -> bool:
+        return self._audio is not None
+
+    async def _read_video(self, track: MediaStreamTrack) -> None:
+        while True:
+            try:
+                frame, skipped = await latest_frame(track)
+            except MediaStreamError:
+                return
+            if not isinstance(frame, av.VideoFrame):
+                continue
+            now = time.monotonic()
+            self.last_input = now
+            self.frames_in += 1 + skipped
+            self.skipped += skipped
+            self._in_times.append(now)
+            timestamp = float(frame.time) if frame.time is not None else now
+            self.scheduler.submit(frame, timestamp=timestamp, tag=(frame.pts, frame.time_base))
+
+    async def _watch_idle(self) -> None:
+        # A publisher that vanishes without a goodbye (network gone, OBS killed) leaves
+        # its peer connection up until ICE consent fails; stop waiting long before that.
+        while True:
+            await asyncio.sleep(min(1.0, self._idle_timeout_s / 4))
+            if time.monotonic() - self.last_input > self._idle_timeout_s:
+                log.info(
+                    "session %s: no video for %.1f s, ending it", self.id, self._idle_timeout_s
+                )
+                if self._on_idle is not None:
+                    self._on_idle(self)
+                return
+
+    # -- outputs ------------------------------------------------------------------------
+
+    def _from_worker(self, processed: ProcessedFrame) -> None:
+        """On a scheduler thread: convert once for every sender, then hop to the loop."""
+        pts, time_base = processed.tag if isinstance(processed.tag, tuple) else (None, None)
+        frame = to_output_frame(processed.image, pts=pts_90k(pts, time_base), stats=processed.stats)
+        try:
+            self._loop.call_soon_threadsafe(self._publish, frame)
+        except RuntimeError:  # the loop is closed: the session is going away
+            pass
+
+    def _publish(self, frame: Any) -> None:
+        if self._closed:
+            return
+        self._out_times.append(time.monotonic())
+        self._latencies.append(frame.stats.latency_ms)
+        self._last_stats = frame.stats
+        self.output.publish(frame)
+        if self._on_frame is not None:
+            self._on_frame(frame.stats)
+
+    def video_output(self) -> ProcessedVideoTrack:
+        """A new track of the processed video for one more sender."""
+        track = ProcessedVideoTrack(self.output)
+        self._outputs = [t for t in self._outputs if t.readyState == "live"]
+        self._outputs.append(track)
+        return track
+
+    def audio_output(self) -> MediaStreamTrack | None:
+        """The publisher's audio, untouched, for one more sender (None: it sends none)."""
+        if self._audio is None:
+            return None
+        return self._audio_relay.subscribe(self._audio, buffered=False)
+
+    # -- state --------------------------------------------------------------------------
+
+    def stats(self) -> SessionStats:
+        now = time.monotonic()
+        last = self._last_stats
+        latencies = list(self._latencies)
+        return SessionStats(
+            fps_in=_rate(self._in_times, now),
+            fps_out=_rate(self._out_times, now),
+            frames_in=self.frames_in,
+            frames_out=self.pipeline.frames_out,
+            dropped=self.scheduler.dropped + self.skipped,
+            latency_ms={
+                q: _percentile(latencies, n) for q, n in (("p50", 50), ("p95", 95), ("p99", 99))
+            },
+            quality=self.pipeline.controller.level.name,
+            quality_mode=self.pipeline.quality,
+            faces=last.faces if last else 0,
+            swapped=last.swapped if last else 0,
+            errors=dict(self.pipeline.errors),
+            repeats=sum(t.repeats for t in self._outputs),
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _start(self, coroutine: Any, what: str) -> None:
+        task = self._loop.create_task(coroutine, name=f"livefuse-session-{self.id[:8]}-{what}")
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "session %s: task %s failed", self.id, task.get_name(), exc_info=task.exception()
+            )
+
+    async def close(self) -> None:
+        """End the stream: stop reading, stop the workers, end every output. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
+        self._tasks.clear()
+        self.output.close()
+        for track in self._outputs:
+            track.stop()
+        # Joining the workers may wait for a frame in flight: not on the loop.
+        await asyncio.to_thread(self.scheduler.close)

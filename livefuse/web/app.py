@@ -1,0 +1,292 @@
+"""The aiohttp application: routes, CORS, Bearer auth and the error shape (DESIGN.md,
+"Contracts"). Handlers are thin: the state lives in `Service`, the WebRTC work in
+`webrtc`, source uploads in `sources`."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from livefuse.engines.pipeline import FacePipeline
+from livefuse.settings import Settings
+from livefuse.stream.quality import QUALITY_MODES
+from livefuse.web import metrics as metrics_module
+from livefuse.web import sources as sources_module
+from livefuse.web import webrtc
+from livefuse.web.errors import ApiError, json_error, sdp_error
+from livefuse.web.service import LiveSession, Service
+
+log = logging.getLogger("livefuse.http")
+
+STATIC_DIR = Path(__file__).parent / "static"
+SERVICE_KEY = web.AppKey("service", Service)
+_PROTECTED = ("/api/", "/whip", "/whep")
+_SDP_PATHS = ("/whip", "/whep")
+_CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+    "Access-Control-Expose-Headers": "Location, ETag, Link, Retry-After, Accept-Post",
+    "Access-Control-Max-Age": "600",
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _is_sdp_path(path: str) -> bool:
+    return path.startswith(_SDP_PATHS)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as error:
+        content_type, text = error.body()
+        return web.Response(
+            status=error.status, text=text, content_type=content_type, headers=error.headers
+        )
+    except web.HTTPException as error:
+        if error.status < 400 or not request.path.startswith(("/api/", *_SDP_PATHS)):
+            raise
+        code = error.reason.lower().replace(" ", "_")
+        message = f"{error.reason}: {request.method} {request.path}"
+        shaped = (sdp_error if _is_sdp_path(request.path) else json_error)(
+            error.status, code, message
+        )
+        content_type, text = shaped.body()
+        headers = {k: v for k, v in error.headers.items() if k.lower() == "allow"}
+        return web.Response(
+            status=error.status, text=text, content_type=content_type, headers=headers
+        )
+
+
+@web.middleware
+async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Any origin may call the API (OBS, a page on another host); the token is the guard."""
+    if not request.path.startswith(("/api/", *_SDP_PATHS)):
+        return await handler(request)
+    if request.method == "OPTIONS":
+        headers = {**_CORS_HEADERS, "Access-Control-Allow-Methods": _allowed(request.path)}
+        if (
+            request.path.rstrip("/") == "/whip"
+            or request.path.count("/") == 2
+            and (request.path.startswith("/whep/"))
+        ):
+            headers["Accept-Post"] = webrtc.SDP_TYPE
+        return web.Response(status=204, headers=headers)
+    response = await handler(request)
+    response.headers.update(_CORS_HEADERS)
+    return response
+
+
+def _allowed(path: str) -> str:
+    if path.startswith(_SDP_PATHS):
+        return "POST, PATCH, DELETE, OPTIONS"
+    return "GET, POST, PATCH, DELETE, OPTIONS"
+
+
+def _auth(token: str | None) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is None or request.method == "OPTIONS" or not request.path.startswith(_PROTECTED):
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            service = request.app[SERVICE_KEY]
+            service.metrics.refused.labels(reason="auth").inc()
+            make = sdp_error if _is_sdp_path(request.path) else json_error
+            raise make(
+                401,
+                "unauthorized",
+                "this server needs its access token: send Authorization: Bearer <token>"
+                if not header
+                else "the access token is wrong",
+                headers={"WWW-Authenticate": 'Bearer realm="livefuse"'},
+            )
+        return await handler(request)
+
+    return middleware
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+
+async def _page(request: web.Request) -> web.FileResponse:
+    name = "index.html" if request.path == "/" else "watch.html"
+    return web.FileResponse(STATIC_DIR / name, headers={"Cache-Control": "no-cache"})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    if service.ready:
+        return web.json_response({"ready": True, "sessions": len(service.sessions)})
+    raise json_error(503, "not_ready", f"not ready: {service.problem}")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    response = web.Response(body=service.metrics.render())
+    response.headers["Content-Type"] = metrics_module.CONTENT_TYPE
+    return response
+
+
+async def _create_source(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    if not service.ready or service.face_pipeline is None:
+        raise json_error(
+            503, "not_ready", f"not ready: {service.problem}", headers={"Retry-After": "5"}
+        )
+    return await sources_module.create_source(
+        request,
+        pipeline=service.face_pipeline,
+        store=service.sources,
+        max_bytes=service.settings.max_image_bytes,
+        max_pixels=service.settings.max_image_pixels,
+    )
+
+
+def _source_or_404(service: Service, source_id: str) -> sources_module.Source:
+    source = service.sources.get(source_id)
+    if source is None:
+        raise json_error(404, "unknown_source", f"no source face with id {source_id!r}")
+    return source
+
+
+async def _get_source(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    return web.json_response(_source_or_404(service, request.match_info["id"]).as_dict())
+
+
+async def _delete_source(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    if not service.sources.remove(request.match_info["id"]):
+        raise json_error(
+            404, "unknown_source", f"no source face with id {request.match_info['id']!r}"
+        )
+    return web.Response(status=204)
+
+
+async def _list_sessions(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    return web.json_response({"sessions": [s.as_dict() for s in service.sessions.values()]})
+
+
+def _session_or_404(service: Service, session_id: str) -> LiveSession:
+    session = service.sessions.get(session_id)
+    if session is None:
+        raise json_error(404, "unknown_session", f"no live session {session_id!r}")
+    return session
+
+
+async def _get_session(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    return web.json_response(_session_or_404(service, request.match_info["id"]).as_dict())
+
+
+async def _patch_session(request: web.Request) -> web.Response:
+    """Change a live session's source, quality, on/off or faces; applies from the next
+    frame, with no renegotiation. All fields are checked before any is applied."""
+    service = request.app[SERVICE_KEY]
+    session = _session_or_404(service, request.match_info["id"])
+    if request.content_length is not None and request.content_length > 64 * 1024:
+        raise json_error(413, "too_large", "the request body is larger than 64 KiB")
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise json_error(400, "bad_json", f"the body is not JSON: {error}") from error
+    if not isinstance(body, dict):
+        raise json_error(400, "bad_json", "the body must be a JSON object")
+    unknown = set(body) - {"source", "quality", "enabled", "faces"}
+    if unknown:
+        raise json_error(422, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+    source = session.source
+    if "source" in body:
+        if body["source"] is None:
+            source = None
+        elif isinstance(body["source"], str):
+            source = service.sources.get(body["source"])
+            if source is None:
+                raise json_error(
+                    422, "unknown_source", f"no source face with id {body['source']!r}"
+                )
+        else:
+            raise json_error(422, "bad_source", "source must be a source id or null")
+    if "quality" in body and body["quality"] not in QUALITY_MODES:
+        raise json_error(422, "bad_quality", f"quality must be one of {', '.join(QUALITY_MODES)}")
+    if "enabled" in body and not isinstance(body["enabled"], bool):
+        raise json_error(422, "bad_enabled", "enabled must be true or false")
+    if "faces" in body and body["faces"] not in webrtc.FACE_SELECTIONS:
+        raise json_error(422, "bad_faces", "faces must be all or largest")
+    pipeline = session.stream.pipeline
+    if "source" in body:
+        session.source = source
+        pipeline.source = source.face if source else None
+    if "quality" in body:
+        pipeline.quality = body["quality"]
+    if "enabled" in body:
+        pipeline.enabled = body["enabled"]
+    if "faces" in body:
+        pipeline.face_selection = body["faces"]
+    return web.json_response(session.as_dict())
+
+
+def _with_service(
+    handler: Callable[[web.Request, Service], Awaitable[web.StreamResponse]],
+) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        return await handler(request, request.app[SERVICE_KEY])
+
+    return wrapped
+
+
+# -- the app ----------------------------------------------------------------------------
+
+
+def create_app(settings: Settings, *, face_pipeline: FacePipeline | None = None) -> web.Application:
+    """The app; its models load in the background once it starts (see /readyz)."""
+    app = web.Application(
+        middlewares=[_cors, _errors, _auth(settings.token)],
+        client_max_size=settings.max_sdp_bytes,
+    )
+    service = Service(settings=settings, face_pipeline=face_pipeline)
+    app[SERVICE_KEY] = service
+
+    async def start(_: web.Application) -> None:
+        await service.start()
+
+    async def stop(_: web.Application) -> None:
+        await service.stop()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+    app.router.add_get("/", _page)
+    app.router.add_get("/watch/{session}", _page)
+    app.router.add_static("/static/", STATIC_DIR, append_version=True)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_post("/api/v1/sources", _create_source)
+    app.router.add_get("/api/v1/sources/{id}", _get_source)
+    app.router.add_delete("/api/v1/sources/{id}", _delete_source)
+    app.router.add_get("/api/v1/sessions", _list_sessions)
+    app.router.add_get("/api/v1/sessions/{id}", _get_session)
+    app.router.add_patch("/api/v1/sessions/{id}", _patch_session)
+    app.router.add_post("/whip", _with_service(webrtc.whip_post))
+    app.router.add_patch("/whip/{session}", _with_service(webrtc.whip_patch))
+    app.router.add_delete("/whip/{session}", _with_service(webrtc.whip_delete))
+    app.router.add_post("/whep/{session}", _with_service(webrtc.whep_post))
+    app.router.add_patch("/whep/{session}/{viewer}", _with_service(webrtc.whep_patch))
+    app.router.add_delete("/whep/{session}/{viewer}", _with_service(webrtc.whep_delete))
+    return app

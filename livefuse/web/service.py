@@ -1,0 +1,224 @@
+"""The service's state: the shared face pipeline, sources, live sessions and their viewers.
+
+One `Service` per app. The face pipeline (models) is loaded once and shared by every
+session; each WHIP publisher gets a `LiveSession` (its peer connection, its
+`StreamSession`, its WHEP viewers). Ending a session, for whatever reason (DELETE, the
+peer's connection failing, no video for a while, shutdown), goes through `end_session`,
+which closes everything it owns exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+
+from livefuse.engines.pipeline import FacePipeline
+from livefuse.engines.store import ModelError, ModelStore
+from livefuse.settings import Settings
+from livefuse.stream import codecs
+from livefuse.stream.realtime import RealtimePipeline
+from livefuse.stream.session import SessionStats, StreamSession
+from livefuse.web.errors import sdp_error
+from livefuse.web.metrics import Metrics
+from livefuse.web.sources import Source, SourceStore
+
+log = logging.getLogger("livefuse.service")
+
+RETRY_AFTER_BUSY_S = 10
+RETRY_AFTER_STARTING_S = 5
+
+
+@dataclass
+class LiveSession:
+    id: str
+    stream: StreamSession
+    pc: RTCPeerConnection
+    source: Source | None
+    mode: str
+    """"sendrecv" (the processed video goes back to the publisher too) or "sendonly"."""
+    viewers: dict[str, RTCPeerConnection] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+    @property
+    def viewer_count(self) -> int:
+        return len(self.viewers)
+
+    def stats(self) -> SessionStats:
+        return self.stream.stats()
+
+    def as_dict(self) -> dict[str, Any]:
+        pipeline = self.stream.pipeline
+        return {
+            "id": self.id,
+            "source": self.source.id if self.source else None,
+            "quality": pipeline.quality,
+            "enabled": pipeline.enabled,
+            "faces": pipeline.face_selection,
+            "mode": self.mode,
+            "viewers": self.viewer_count,
+            "created": self.created,
+            "connection": self.pc.connectionState,
+            "whep": f"/whep/{self.id}",
+            "watch": f"/watch/{self.id}",
+            "stats": self.stats().as_dict(),
+        }
+
+
+class Service:
+    def __init__(self, *, settings: Settings, face_pipeline: FacePipeline | None = None) -> None:
+        self.settings = settings
+        self.face_pipeline = face_pipeline
+        self.ready = False
+        self.problem: str | None = "the models are loading"
+        self.sources = SourceStore(limit=settings.max_sources)
+        self.sessions: dict[str, LiveSession] = {}
+        self.metrics = Metrics(
+            sessions=lambda: list(self.sessions.values()), ready=lambda: self.ready
+        )
+        self._starting = 0
+        self._ending: dict[str, asyncio.Task[bool]] = {}
+        self._background: set[asyncio.Task[object]] = set()
+        self._load_task: asyncio.Task[None] | None = None
+        codecs.install()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load and warm the models in the background; /readyz says when they are."""
+        self._load_task = asyncio.get_running_loop().create_task(
+            self._load(), name="livefuse-load-models"
+        )
+
+    async def _load(self) -> None:
+        try:
+            self.face_pipeline = await asyncio.to_thread(self._load_and_warm)
+        except ModelError as error:
+            self.problem = str(error)
+            log.error("models unavailable: %s", error)
+            return
+        self.ready, self.problem = True, None
+        log.info("models loaded and warm")
+
+    def _load_and_warm(self) -> FacePipeline:
+        pipeline = self.face_pipeline or FacePipeline.from_store(
+            ModelStore(self.settings.models_dir), threads=1
+        )
+        # The first inference of each model allocates and plans; pay for it before the
+        # first viewer would.
+        frame = np.full((720, 1280, 3), 128, np.uint8)
+        RealtimePipeline(faces=pipeline).process(frame, timestamp=0.0)
+        pipeline.find_faces(frame)
+        return pipeline
+
+    async def stop(self) -> None:
+        """End every session cleanly (graceful shutdown)."""
+        if self._load_task is not None:
+            self._load_task.cancel()
+            await asyncio.gather(self._load_task, return_exceptions=True)
+        await asyncio.gather(
+            *(self.end_session(s, reason="shutdown") for s in list(self.sessions)),
+            *self._ending.values(),
+            *self._background,
+            return_exceptions=True,
+        )
+
+    # -- sessions -----------------------------------------------------------------------
+
+    def require_ready(self) -> FacePipeline:
+        if not self.ready or self.face_pipeline is None:
+            raise sdp_error(
+                503,
+                "not_ready",
+                f"the service is not ready: {self.problem}",
+                headers={"Retry-After": str(RETRY_AFTER_STARTING_S)},
+            )
+        return self.face_pipeline
+
+    def reserve_session(self) -> None:
+        """Count a session being set up against the limit, or refuse with 503."""
+        if len(self.sessions) + self._starting >= self.settings.max_sessions:
+            self.metrics.refused.labels(reason="capacity").inc()
+            raise sdp_error(
+                503,
+                "at_capacity",
+                f"the server is at its limit of {self.settings.max_sessions} live sessions; "
+                "try again shortly",
+                headers={"Retry-After": str(RETRY_AFTER_BUSY_S)},
+            )
+        self._starting += 1
+
+    def release_reservation(self) -> None:
+        self._starting -= 1
+
+    def new_peer_connection(self) -> RTCPeerConnection:
+        # An explicit (possibly empty) list: aiortc would otherwise ask a public STUN
+        # server, and wait for it where there is none.
+        servers = [RTCIceServer(urls=url) for url in self.settings.ice_servers]
+        return RTCPeerConnection(RTCConfiguration(iceServers=servers))
+
+    def new_stream(self, session_id: str, pipeline: RealtimePipeline) -> StreamSession:
+        return StreamSession(
+            session_id=session_id,
+            pipeline=pipeline,
+            loop=asyncio.get_running_loop(),
+            idle_timeout_s=self.settings.idle_timeout_s,
+            on_frame=self.metrics.frame,
+            on_idle=lambda stream: self.schedule_end(stream.id, reason="no video"),
+        )
+
+    def add_session(self, session: LiveSession) -> None:
+        self.sessions[session.id] = session
+        self.metrics.sessions_started.inc()
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a fire-and-forget task until it is done (the loop keeps only weak refs)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    def new_id() -> str:
+        return secrets.token_urlsafe(12)
+
+    def schedule_end(self, session_id: str, *, reason: str) -> None:
+        """End a session from a callback (no awaiting there)."""
+        if session_id in self.sessions and session_id not in self._ending:
+            task = asyncio.get_running_loop().create_task(
+                self.end_session(session_id, reason=reason), name=f"livefuse-end-{session_id[:8]}"
+            )
+            self._ending[session_id] = task
+            task.add_done_callback(lambda _: self._ending.pop(session_id, None))
+
+    async def end_session(self, session_id: str, *, reason: str) -> bool:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return False
+        log.info("session %s ends (%s)", session_id, reason)
+        await session.stream.close()
+        await asyncio.gather(
+            *(close_peer(pc) for pc in session.viewers.values()), close_peer(session.pc)
+        )
+        session.viewers.clear()
+        return True
+
+    async def end_viewer(self, session_id: str, viewer_id: str) -> bool:
+        session = self.sessions.get(session_id)
+        pc = session.viewers.pop(viewer_id, None) if session else None
+        if pc is None:
+            return False
+        await close_peer(pc)
+        return True
+
+
+async def close_peer(pc: RTCPeerConnection) -> None:
+    for transceiver in pc.getTransceivers():
+        track = transceiver.sender.track
+        if track is not None:
+            track.stop()
+    await pc.close()

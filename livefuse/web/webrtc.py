@@ -1,0 +1,325 @@
+"""WHIP ingest and WHEP egress (RFC 9725 and the WHEP draft) on aiortc.
+
+The SDP endpoints answer errors in plain text (`sdp_error`), as WHIP/WHEP clients such as
+OBS print the body as it is. aiortc gathers every local candidate before it answers, so
+the answer carries them all; a client's own candidates may trickle in by PATCH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
+
+from aiohttp import web
+from aioice import Candidate
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcicetransport import candidate_from_aioice
+from aiortc.sdp import SessionDescription
+
+from livefuse.engines.pipeline import FaceSelection
+from livefuse.stream import codecs
+from livefuse.stream.quality import QUALITY_MODES
+from livefuse.stream.realtime import RealtimePipeline
+from livefuse.web.errors import ApiError, sdp_error
+from livefuse.web.service import LiveSession, close_peer
+
+if TYPE_CHECKING:
+    from livefuse.web.service import Service
+
+log = logging.getLogger("livefuse.webrtc")
+
+SDP_TYPE = "application/sdp"
+SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
+FACE_SELECTIONS = ("all", "largest")
+
+
+async def read_sdp_body(request: web.Request, *, max_bytes: int, content_type: str) -> str:
+    """The request's SDP (or SDP fragment) text; 415/413/400 for what cannot be one."""
+    if request.content_type.lower() != content_type:
+        raise sdp_error(
+            415,
+            "unsupported_media_type",
+            f"send the offer as Content-Type: {content_type} "
+            f"(got {request.content_type or 'none'})",
+        )
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise _sdp_too_large(max_bytes)
+    data = bytearray()
+    async for chunk in request.content.iter_chunked(16 * 1024):
+        data += chunk
+        if len(data) > max_bytes:
+            raise _sdp_too_large(max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise sdp_error(400, "bad_sdp", "the SDP is not UTF-8 text") from error
+
+
+def _sdp_too_large(max_bytes: int) -> ApiError:
+    return sdp_error(413, "sdp_too_large", f"the SDP is larger than the limit of {max_bytes} bytes")
+
+
+def parse_offer(text: str) -> SessionDescription:
+    """A parsed offer with a video section, or a 400 that says what is wrong with it."""
+    if not text.strip().startswith("v=0"):
+        raise sdp_error(400, "bad_sdp", "this is not an SDP offer (it must start with v=0)")
+    try:
+        description = SessionDescription.parse(text)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        raise sdp_error(400, "bad_sdp", f"the SDP offer cannot be read: {error}") from error
+    if not any(media.kind == "video" for media in description.media):
+        raise sdp_error(400, "no_video", "the offer has no video section")
+    for media in description.media:
+        if media.kind in ("audio", "video") and (
+            media.ice is None or not media.ice.usernameFragment or not media.dtls
+        ):
+            raise sdp_error(
+                400, "bad_sdp", f"the offer's {media.kind} section lacks ICE or DTLS parameters"
+            )
+    return description
+
+
+def video_direction(description: SessionDescription) -> str:
+    return next(m.direction or "sendrecv" for m in description.media if m.kind == "video")
+
+
+def etag_for(session_key: str) -> str:
+    return '"' + hashlib.sha256(session_key.encode()).hexdigest()[:16] + '"'
+
+
+async def answer(
+    pc: RTCPeerConnection, offer_sdp: str, *, send: Sequence[MediaStreamTrack] = ()
+) -> str:
+    """Apply the offer, add the tracks to `send` on its m-lines, prefer H.264 and return
+    the answer's SDP; a 400 when aiortc cannot take the offer."""
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        for track in send:
+            pc.addTrack(track)
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "video":
+                codecs.prefer_h264(transceiver)
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as error:  # aiortc raises several types for offers it cannot take
+        raise sdp_error(
+            400, "bad_sdp", f"cannot negotiate this offer: {type(error).__name__}: {error}"
+        ) from error
+    local = pc.localDescription
+    assert local is not None
+    return local.sdp
+
+
+async def whip_post(request: web.Request, service: Service) -> web.Response:
+    settings = service.settings
+    offer_sdp = await read_sdp_body(
+        request, max_bytes=settings.max_sdp_bytes, content_type=SDP_TYPE
+    )
+    description = parse_offer(offer_sdp)
+    faces = service.require_ready()
+    source = None
+    if source_id := request.query.get("source"):
+        source = service.sources.get(source_id)
+        if source is None:
+            raise sdp_error(
+                422,
+                "unknown_source",
+                f"no source face with id {source_id!r}: upload one to /api/v1/sources first",
+            )
+    quality = request.query.get("quality", "auto")
+    if quality not in QUALITY_MODES:
+        raise sdp_error(422, "bad_quality", f"quality must be one of {', '.join(QUALITY_MODES)}")
+    face_selection = request.query.get("faces", "all")
+    if face_selection not in FACE_SELECTIONS:
+        raise sdp_error(422, "bad_faces", "faces must be all or largest")
+    direction = video_direction(description)
+    if direction not in ("sendonly", "sendrecv"):
+        raise sdp_error(400, "bad_direction", f"a WHIP offer must send video (it is {direction})")
+
+    service.reserve_session()
+    pc = service.new_peer_connection()
+    session_id = service.new_id()
+    pipeline = RealtimePipeline(
+        faces=faces,
+        quality=quality,
+        face_selection=cast(FaceSelection, face_selection),
+    )
+    pipeline.source = source.face if source else None
+    stream = service.new_stream(session_id, pipeline)
+    try:
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "video":
+                stream.attach_video(track)
+            elif track.kind == "audio":
+                stream.attach_audio(track)
+
+        # A sendrecv publisher gets the processed video back on the same m-line; its
+        # audio is not echoed back to it.
+        send = [stream.video_output()] if direction == "sendrecv" else []
+        answer_sdp = await answer(pc, offer_sdp, send=send)
+    except BaseException:
+        service.release_reservation()
+        await stream.close()
+        await close_peer(pc)
+        raise
+    service.release_reservation()
+    session = LiveSession(
+        id=session_id,
+        stream=stream,
+        pc=pc,
+        source=source,
+        mode="sendrecv" if direction == "sendrecv" else "sendonly",
+    )
+    service.add_session(session)
+
+    @pc.on("connectionstatechange")
+    def on_state() -> None:
+        if pc.connectionState in ("failed", "closed"):
+            service.schedule_end(session_id, reason=f"publisher connection {pc.connectionState}")
+
+    location = f"/whip/{session_id}"
+    log.info("session %s starts (%s, source %s)", session_id, session.mode, source and source.id)
+    return web.Response(
+        status=201,
+        text=answer_sdp,
+        content_type=SDP_TYPE,
+        headers={
+            "Location": location,
+            "ETag": etag_for(session_id),
+            **_ice_server_links(service),
+        },
+    )
+
+
+def _ice_server_links(service: Service) -> dict[str, str]:
+    links = [f'<{url}>; rel="ice-server"' for url in service.settings.ice_servers]
+    return {"Link": ", ".join(links)} if links else {}
+
+
+def _session_or_404(service: Service, session_id: str) -> LiveSession:
+    session = service.sessions.get(session_id)
+    if session is None:
+        raise sdp_error(404, "unknown_session", f"no live session {session_id!r}")
+    return session
+
+
+async def whip_delete(request: web.Request, service: Service) -> web.Response:
+    session_id = request.match_info["session"]
+    if not await service.end_session(session_id, reason="DELETE"):
+        raise sdp_error(404, "unknown_session", f"no live session {session_id!r}")
+    return web.Response(status=200)
+
+
+async def trickle(
+    request: web.Request, service: Service, pc: RTCPeerConnection, etag: str
+) -> web.Response:
+    """PATCH with an SDP fragment: the client's late ICE candidates (RFC 9725 4.3)."""
+    if_match = request.headers.get("If-Match")
+    if if_match is not None and if_match not in ("*", etag):
+        raise sdp_error(412, "etag_mismatch", "If-Match does not name this session")
+    fragment = await read_sdp_body(
+        request, max_bytes=service.settings.max_sdp_bytes, content_type=SDPFRAG_TYPE
+    )
+    remote = pc.remoteDescription
+    current_ufrag = None
+    if remote is not None:
+        parsed = SessionDescription.parse(remote.sdp)
+        current_ufrag = next((m.ice.usernameFragment for m in parsed.media if m.ice), None)
+    mid: str | None = None
+    for raw in fragment.splitlines():
+        line = raw.strip()
+        if line.startswith("a=ice-ufrag:") and line.split(":", 1)[1] != current_ufrag:
+            raise sdp_error(
+                422, "ice_restart", "ICE restarts are not supported: end the session and start anew"
+            )
+        if line.startswith("a=mid:"):
+            mid = line.split(":", 1)[1]
+        elif line.startswith("a=candidate:"):
+            try:
+                candidate = candidate_from_aioice(Candidate.from_sdp(line[len("a=") :]))
+            except (ValueError, IndexError) as error:
+                raise sdp_error(400, "bad_candidate", f"cannot read {line!r}: {error}") from error
+            candidate.sdpMid = mid
+            candidate.sdpMLineIndex = None if mid is not None else 0
+            await pc.addIceCandidate(candidate)
+        elif line == "a=end-of-candidates":
+            continue
+    return web.Response(status=204)
+
+
+async def whip_patch(request: web.Request, service: Service) -> web.Response:
+    session_id = request.match_info["session"]
+    session = _session_or_404(service, session_id)
+    return await trickle(request, service, session.pc, etag_for(session_id))
+
+
+async def whep_post(request: web.Request, service: Service) -> web.Response:
+    settings = service.settings
+    session_id = request.match_info["session"]
+    offer_sdp = await read_sdp_body(
+        request, max_bytes=settings.max_sdp_bytes, content_type=SDP_TYPE
+    )
+    description = parse_offer(offer_sdp)
+    session = _session_or_404(service, session_id)
+    if video_direction(description) not in ("recvonly", "sendrecv"):
+        raise sdp_error(400, "bad_direction", "a WHEP offer must receive video (recvonly)")
+    if session.viewer_count >= settings.max_viewers:
+        service.metrics.refused.labels(reason="viewers").inc()
+        raise sdp_error(
+            503,
+            "too_many_viewers",
+            f"this session already has its limit of {settings.max_viewers} viewers",
+            headers={"Retry-After": "10"},
+        )
+    pc = service.new_peer_connection()
+    viewer_id = service.new_id()
+    try:
+        send: list[MediaStreamTrack] = [session.stream.video_output()]
+        audio = session.stream.audio_output()
+        if audio is not None and any(m.kind == "audio" for m in description.media):
+            send.append(audio)
+        answer_sdp = await answer(pc, offer_sdp, send=send)
+    except BaseException:
+        await close_peer(pc)
+        raise
+    if session.stream.closed:  # it ended while we negotiated
+        await close_peer(pc)
+        raise sdp_error(404, "unknown_session", f"no live session {session_id!r}")
+    session.viewers[viewer_id] = pc
+
+    @pc.on("connectionstatechange")
+    def on_state() -> None:
+        if pc.connectionState in ("failed", "closed"):
+            task = asyncio.get_running_loop().create_task(service.end_viewer(session_id, viewer_id))
+            service.keep(task)
+
+    return web.Response(
+        status=201,
+        text=answer_sdp,
+        content_type=SDP_TYPE,
+        headers={
+            "Location": f"/whep/{session_id}/{viewer_id}",
+            "ETag": etag_for(viewer_id),
+            **_ice_server_links(service),
+        },
+    )
+
+
+async def whep_delete(request: web.Request, service: Service) -> web.Response:
+    session_id, viewer_id = request.match_info["session"], request.match_info["viewer"]
+    if not await service.end_viewer(session_id, viewer_id):
+        raise sdp_error(404, "unknown_viewer", f"no viewer {viewer_id!r} on {session_id!r}")
+    return web.Response(status=200)
+
+
+async def whep_patch(request: web.Request, service: Service) -> web.Response:
+    session_id, viewer_id = request.match_info["session"], request.match_info["viewer"]
+    session = _session_or_404(service, session_id)
+    pc = session.viewers.get(viewer_id)
+    if pc is None:
+        raise sdp_error(404, "unknown_viewer", f"no viewer {viewer_id!r} on {session_id!r}")
+    return await trickle(request, service, pc, etag_for(viewer_id))
