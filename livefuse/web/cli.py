@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from livefuse import __version__
 from livefuse.engines.store import ModelError
 from livefuse.settings import Settings
+from livefuse.web import models_command
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 
@@ -33,17 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser(
         "models", help="list, pull and verify the models", description="Manage cached models."
     )
-    models.set_defaults(print_usage=models.print_help)
-    models_commands = models.add_subparsers(dest="models_command", metavar="ACTION")
-    models_commands.add_parser("list", help="show every known model and its state")
-    pull = models_commands.add_parser(
-        "pull", help="download, check and convert models (default: the embedded set)"
-    )
-    pull.add_argument("names", nargs="*", metavar="NAME")
-    verify = models_commands.add_parser(
-        "verify", help="check cached models against their records and signatures"
-    )
-    verify.add_argument("names", nargs="*", metavar="NAME")
+    models_command.add_arguments(models)
 
     swap = commands.add_parser(
         "swap",
@@ -58,6 +49,84 @@ def build_parser() -> argparse.ArgumentParser:
     swap.add_argument("--target", type=Path, required=True, metavar="PATH")
     swap.add_argument("--output", type=Path, required=True, metavar="PATH")
     swap.add_argument("--faces", choices=("all", "largest"), default="all")
+    swap.add_argument(
+        "--swapper",
+        choices=("mesh", "inswapper"),
+        default="mesh",
+        help="mesh (embedded) or inswapper (bring your own: inswapper_128 and w600k_r50)",
+    )
+    swap.add_argument(
+        "--detector",
+        choices=("centerface", "scrfd"),
+        default="centerface",
+        help="centerface (embedded) or scrfd (bring your own: det_10g or smaller)",
+    )
+    swap.add_argument(
+        "--enhancer",
+        choices=("none", "gfpgan", "codeformer"),
+        default="none",
+        help="restore the swapped face (bring your own: gfpgan_1.4 or codeformer)",
+    )
+    swap.add_argument(
+        "--occlusion",
+        action="store_true",
+        help="keep hands, glasses and hair over the face (bring your own: face_parser)",
+    )
+
+    bench = commands.add_parser(
+        "bench",
+        help="time the real-time pipeline over a clip",
+        description=(
+            "Run the real-time pipeline over VIDEO with the face in SOURCE, paced at the "
+            "clip's frame rate like a camera (or --unpaced, for throughput); print a table "
+            "and optionally write the figures as JSON."
+        ),
+    )
+    bench.add_argument("--source", type=Path, required=True, metavar="IMG")
+    bench.add_argument("--video", type=Path, required=True, metavar="FILE")
+    bench.add_argument("--json", type=Path, metavar="OUT")
+    bench.add_argument("--quality", choices=("auto", "high", "balanced", "fast"), default="auto")
+    bench.add_argument("--faces", choices=("all", "largest"), default="all")
+    bench.add_argument(
+        "--unpaced", action="store_true", help="hand in frames as fast as they are taken"
+    )
+
+    clip = commands.add_parser(
+        "clip",
+        help="make a moving test clip from a still photo",
+        description=(
+            "Animate PHOTO (pan, zoom, roll, light drift, sensor noise) into a clip for "
+            "benches and tests: .mp4 (H.264) or .y4m (raw, for Chromium's fake camera)."
+        ),
+    )
+    clip.add_argument("--photo", type=Path, required=True, metavar="IMG")
+    clip.add_argument("--output", type=Path, required=True, metavar="FILE.mp4|FILE.y4m")
+    clip.add_argument("--seconds", type=float, default=10.0)
+    clip.add_argument("--fps", type=int, default=30)
+    clip.add_argument("--size", default="1280x720", metavar="WxH")
+    clip.add_argument("--noise", type=float, default=2.0, help="sensor noise sigma, in levels")
+    clip.add_argument("--seed", type=int, default=0)
+    clip.add_argument("--static", action="store_true", help="no motion: only the noise")
+    clip.add_argument("--crop", metavar="X,Y,W,H", help="use only this part of the photo")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the WebRTC service (WHIP/WHEP, the pages, the API)",
+        description=(
+            "Serve the publisher page at /, viewers at /watch/SESSION, WHIP ingest at /whip "
+            "and WHEP at /whep/SESSION. Listens on loopback unless given a token or --insecure."
+        ),
+    )
+    serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    serve.add_argument("--backend", choices=("auto", "cpu", "tensorrt", "torch"), default="auto")
+    serve.add_argument("--max-sessions", type=int, default=None, metavar="N")
+    serve.add_argument("--token", default=None, metavar="T", help="Bearer token for the API")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening beyond loopback without a token",
+    )
     return parser
 
 
@@ -77,13 +146,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "models":
-            from livefuse.web import models_command
-
             return models_command.run(args, settings)
         if args.command == "swap":
             from livefuse.web import swap_command
 
             return swap_command.run(args, settings)
+        if args.command == "bench":
+            from livefuse.web import bench_command
+
+            return bench_command.run(args, settings)
+        if args.command == "clip":
+            from livefuse.web import clip_command
+
+            return clip_command.run(args, settings)
+        if args.command == "serve":
+            from livefuse.web import serve_command
+
+            return serve_command.run(args, settings)
     except ModelError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE

@@ -20,6 +20,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ImageError as error:
         print(f"livefuse clip: photo: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.crop:
+        try:
+            x, y, w, h = (int(part) for part in args.crop.split(","))
+        except ValueError:
+            print(f"livefuse clip: --crop must be X,Y,W,H, not {args.crop!r}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        photo = photo[max(0, y) : y + h, max(0, x) : x + w]
+        if photo.size == 0:
+            print(f"livefuse clip: --crop {args.crop} leaves nothing of the photo", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
         width, height = (int(part) for part in args.size.lower().split("x"))
     except ValueError:
