@@ -1,0 +1,234 @@
+"""Real aiortc peers for the service tests: a WHIP publisher fed from in-memory frames, a
+WHEP viewer, and a live server on loopback in a thread of its own.
+
+Nothing here stands in for a part of livefuse: the server is the real app, the peers are
+real WebRTC endpoints speaking over UDP on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+from aiohttp import web
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError
+
+from livefuse.settings import Settings
+from livefuse.web.app import SERVICE_KEY, create_app
+from livefuse.web.service import Service
+
+CLOCK = 90_000
+
+
+@dataclass
+class LiveServer:
+    base: str
+    service: Service
+    loop: asyncio.AbstractEventLoop
+
+    def call(self, make: Callable[[], Any], within_s: float = 30.0) -> Any:
+        """Run a coroutine on the server's loop (to look at or end its state safely)."""
+        return asyncio.run_coroutine_threadsafe(make(), self.loop).result(within_s)
+
+
+@contextmanager
+def live_server(settings: Settings, *, ready_within_s: float = 120.0) -> Iterator[LiveServer]:
+    """The app on 127.0.0.1, an ephemeral port, its own event loop thread; models warm."""
+    loop = asyncio.new_event_loop()
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False)
+    started = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", 0).start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, name="test-server", daemon=True)
+    thread.start()
+    assert started.wait(30), "the test server did not start"
+    port = runner.addresses[0][1]
+    service = app[SERVICE_KEY]
+    deadline = time.monotonic() + ready_within_s
+    while not service.ready:
+        assert service.problem == "the models are loading", service.problem
+        assert time.monotonic() < deadline, "the models did not load in time"
+        time.sleep(0.1)
+    try:
+        yield LiveServer(base=f"http://127.0.0.1:{port}", service=service, loop=loop)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+class FramesTrack(MediaStreamTrack):
+    """Loops BGR frames at `fps`, paced like a camera. `pause()` stops it sending (a peer
+    that vanishes without a goodbye)."""
+
+    kind = "video"
+
+    def __init__(self, frames: list[np.ndarray], fps: float = 30.0) -> None:
+        super().__init__()
+        self._frames = [
+            av.VideoFrame.from_ndarray(f, format="bgr24").reformat(format="yuv420p") for f in frames
+        ]
+        self._fps = fps
+        self._index = 0
+        self._start: float | None = None
+        self._paused = asyncio.Event()
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    async def recv(self) -> av.VideoFrame:
+        if self._paused.is_set():
+            await asyncio.Event().wait()  # never again
+        if self._start is None:
+            self._start = time.monotonic()
+        delay = self._start + self._index / self._fps - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        source = self._frames[self._index % len(self._frames)]
+        frame = av.VideoFrame.from_ndarray(source.to_ndarray(), format="yuv420p")
+        frame.pts = int(self._index * CLOCK / self._fps)
+        frame.time_base = fractions.Fraction(1, CLOCK)
+        self._index += 1
+        return frame
+
+
+@dataclass
+class Received:
+    """Frames that came back, newest last (BGR), and how many."""
+
+    frames: list[np.ndarray] = field(default_factory=list)
+    count: int = 0
+    keep: int = 8
+
+    def add(self, frame: np.ndarray) -> None:
+        self.count += 1
+        self.frames.append(frame)
+        del self.frames[: -self.keep]
+
+
+async def _collect(track: MediaStreamTrack, into: Received) -> None:
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        if isinstance(frame, av.VideoFrame):
+            into.add(frame.to_ndarray(format="bgr24"))
+
+
+@dataclass
+class Peer:
+    pc: RTCPeerConnection
+    location: str
+    received: Received
+    track: FramesTrack | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def session_id(self) -> str:
+        return self.location.split("/")[2]
+
+    async def wait_frames(self, count: int, *, within_s: float = 30.0) -> None:
+        deadline = time.monotonic() + within_s
+        target = self.received.count + count
+        while self.received.count < target:
+            assert time.monotonic() < deadline, (
+                f"only {self.received.count} frames came back within {within_s} s"
+            )
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await self.pc.close()
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+async def _post_offer(
+    http: aiohttp.ClientSession, url: str, pc: RTCPeerConnection, token: str | None
+) -> tuple[str, str]:
+    await pc.setLocalDescription(await pc.createOffer())
+    assert pc.localDescription is not None
+    async with http.post(
+        url,
+        data=pc.localDescription.sdp,
+        headers={"Content-Type": "application/sdp", **bearer(token)},
+    ) as response:
+        text = await response.text()
+        assert response.status == 201, f"{url}: {response.status} {text}"
+        assert response.content_type == "application/sdp"
+        location = response.headers["Location"]
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=text, type="answer"))
+    return location, text
+
+
+async def publish(
+    http: aiohttp.ClientSession,
+    base: str,
+    frames: list[np.ndarray],
+    *,
+    token: str | None,
+    source: str | None = None,
+    direction: str = "sendrecv",
+    quality: str | None = None,
+) -> Peer:
+    """A WHIP publisher; with sendrecv, what comes back is collected."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    track = FramesTrack(frames)
+    pc.addTransceiver(track, direction=direction)
+    received = Received()
+    peer = Peer(pc=pc, location="", received=received, track=track)
+
+    @pc.on("track")
+    def on_track(remote: MediaStreamTrack) -> None:
+        if remote.kind == "video":
+            peer.tasks.append(asyncio.ensure_future(_collect(remote, received)))
+
+    params = {"source": source, "quality": quality}
+    query = "&".join(f"{k}={v}" for k, v in params.items() if v)
+    peer.location, _ = await _post_offer(http, f"{base}/whip?{query}", pc, token)
+    return peer
+
+
+async def watch(
+    http: aiohttp.ClientSession, base: str, session_id: str, *, token: str | None
+) -> Peer:
+    """A WHEP viewer of a session."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    received = Received()
+    peer = Peer(pc=pc, location="", received=received)
+
+    @pc.on("track")
+    def on_track(remote: MediaStreamTrack) -> None:
+        if remote.kind == "video":
+            peer.tasks.append(asyncio.ensure_future(_collect(remote, received)))
+
+    peer.location, _ = await _post_offer(http, f"{base}/whep/{session_id}", pc, token)
+    return peer
