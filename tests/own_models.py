@@ -173,13 +173,27 @@ def make_enhancer(path: Path, *, seed: int = 3) -> Path:
     return _save(graph, path)
 
 
-def make_face_parser(path: Path, *, seed: int = 4) -> Path:
+HAIR_CLASS, SKIN_CLASS = 17, 1
+
+
+def make_face_parser(path: Path) -> Path:
     """BiSeNet's layout: (1,3,512,512) normalised RGB -> (1,19,512,512) class logits, and
-    the two auxiliary heads the exports keep."""
-    rng = np.random.default_rng(seed)
-    initializers = [_weight(rng, "conv_w", (19, 3, 5, 5), 0.2)]
+    the two auxiliary heads the exports keep. It calls near-white pixels hair (class 17)
+    and everything else skin (class 1), so a test can hold a white card over a face and
+    know what a real parser would say of a hand there."""
+    weights = np.zeros((19, 3, 1, 1), dtype=np.float32)
+    bias = np.full(19, -20.0, dtype=np.float32)
+    bias[SKIN_CLASS] = 0.0
+    # Normalised with ImageNet's mean and spread, white is about 2.2..2.6 per channel
+    # and skin well under 2: hair where the channel mean passes 2.
+    weights[HAIR_CLASS, :, 0, 0] = 10.0 / 3
+    bias[HAIR_CLASS] = -20.0
+    initializers = [
+        numpy_helper.from_array(weights, "conv_w"),
+        numpy_helper.from_array(bias, "conv_b"),
+    ]
     nodes = [
-        helper.make_node("Conv", ["input", "conv_w"], ["out"], pads=[2, 2, 2, 2]),
+        helper.make_node("Conv", ["input", "conv_w", "conv_b"], ["out"]),
         helper.make_node("Identity", ["out"], ["aux16"]),
         helper.make_node("Identity", ["out"], ["aux32"]),
     ]

@@ -10,21 +10,35 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import cv2
 import numpy as np
 
-from livefuse.engines.blend import alpha_blend, face_mask, match_colour
+from livefuse.engines.align import mesh_keypoints
+from livefuse.engines.blend import alpha_blend, face_mask, mask_outline, match_colour
 from livefuse.engines.detector import CenterFaceDetector
+from livefuse.engines.identity import IdentityFace, IdentitySwapper
 from livefuse.engines.landmarks import FaceMeshLandmarker, FaceRegion
+from livefuse.engines.registry import KNOWN_MODELS
+from livefuse.engines.restore import FaceEnhancer, FaceParser
 from livefuse.engines.runtime import OnnxRuntimeEngine
-from livefuse.engines.store import ModelStore
+from livefuse.engines.scrfd import SCRFDDetector
+from livefuse.engines.store import ModelMissingError, ModelStore
 from livefuse.engines.swapper import MeshSwapper, SourceFace
 from livefuse.engines.topology import MeshTopology
-from livefuse.engines.types import FaceMesh
+from livefuse.engines.types import Detection, FaceMesh
 
 FaceSelection = Literal["all", "largest"]
+SwapperChoice = Literal["mesh", "inswapper"]
+"""`mesh`: the embedded mesh swapper. `inswapper`: InsightFace's inswapper_128 with an
+ArcFace embedding (bring your own weights)."""
+DetectorChoice = Literal["centerface", "scrfd"]
+# Bring-your-own files each choice may use, the first one registered winning.
+INSWAPPER_MODELS = ("inswapper_128", "inswapper_128_fp16")
+SCRFD_MODELS = ("det_10g", "det_2.5g", "det_500m")
+EnhancerChoice = Literal["none", "gfpgan", "codeformer"]
+ENHANCER_MODELS = {"gfpgan": "gfpgan_1.4", "codeformer": "codeformer"}
 # Faces smaller than this (pixels) carry too little detail to fit a mesh reliably.
 MIN_FACE_SIZE = 16
 # Margin around the landmark box that the blend may touch, as a fraction of face size.
@@ -68,16 +82,75 @@ class PreparedSource:
     faces_in_image: int
 
 
+class FaceDetector(Protocol):
+    def detect(self, frame_bgr: np.ndarray, *, max_side: int = 640) -> list[Detection]: ...
+
+
+def first_registered(store: ModelStore, names: tuple[str, ...]) -> str:
+    """The first of `names` present in the cache (`store.path` checks it); a
+    ModelMissingError naming the first when none is."""
+    for name in names:
+        if store.file(name).is_file():
+            return name
+    raise ModelMissingError(names[0], store.models_dir, bring_your_own=True)
+
+
 class FacePipeline:
     @classmethod
-    def from_store(cls, store: ModelStore, *, threads: int, **options: object) -> FacePipeline:
-        """The embedded default models from the cache; ModelError if one is missing."""
-        detector = CenterFaceDetector(OnnxRuntimeEngine(store.path("centerface"), threads=threads))
+    def from_store(
+        cls,
+        store: ModelStore,
+        *,
+        threads: int,
+        swapper: SwapperChoice = "mesh",
+        detector: DetectorChoice = "centerface",
+        enhancer: EnhancerChoice = "none",
+        occlusion: bool = False,
+        **options: object,
+    ) -> FacePipeline:
+        """The embedded default models from the cache, plus the bring-your-own ones the
+        choices need; ModelError if one is missing.
+
+        With `swapper="inswapper"` the pipeline runs both swappers: which one a face gets
+        follows its source (`prepare_source(..., swapper=...)`).
+        """
+        known = ModelStore(store.models_dir, models=KNOWN_MODELS)
+        centerface = CenterFaceDetector(
+            OnnxRuntimeEngine(store.path("centerface"), threads=threads)
+        )
+        face_detector: FaceDetector = centerface
+        if detector == "scrfd":
+            name = first_registered(known, SCRFD_MODELS)
+            face_detector = SCRFDDetector(OnnxRuntimeEngine(known.path(name), threads=threads))
         landmarker = FaceMeshLandmarker(
             OnnxRuntimeEngine(store.path("face_landmark"), threads=threads)
         )
-        swapper = MeshSwapper(MeshTopology.load(store.path("facemesh_topology")))
-        pipeline = cls(detector=detector, landmarker=landmarker, swapper=swapper, **options)  # type: ignore[arg-type]
+        mesh_swapper = MeshSwapper(MeshTopology.load(store.path("facemesh_topology")))
+        identity = None
+        if swapper == "inswapper":
+            identity = IdentitySwapper.from_files(
+                embedder=known.path("w600k_r50"),
+                swapper=known.path(first_registered(known, INSWAPPER_MODELS)),
+                threads=threads,
+            )
+        face_enhancer = None
+        if enhancer != "none":
+            name = ENHANCER_MODELS[enhancer]
+            face_enhancer = FaceEnhancer(OnnxRuntimeEngine(known.path(name), threads=threads))
+        parser = None
+        if occlusion:
+            parser = FaceParser(OnnxRuntimeEngine(known.path("face_parser"), threads=threads))
+        pipeline = cls(
+            detector=centerface,
+            face_detector=face_detector,
+            enhancer=face_enhancer,
+            parser=parser,
+            landmarker=landmarker,
+            swapper=mesh_swapper,
+            identity=identity,
+            default_swapper=swapper,
+            **options,  # type: ignore[arg-type]
+        )
         pipeline.models_dir = store.models_dir
         return pipeline
 
@@ -87,13 +160,30 @@ class FacePipeline:
         detector: CenterFaceDetector,
         landmarker: FaceMeshLandmarker,
         swapper: MeshSwapper,
+        face_detector: FaceDetector | None = None,
+        identity: IdentitySwapper | None = None,
+        enhancer: FaceEnhancer | None = None,
+        parser: FaceParser | None = None,
+        default_swapper: SwapperChoice = "mesh",
         detection_size: int = 640,
         shape_strength: float = 0.9,
         timer: StageTimer | None = None,
     ) -> None:
+        if default_swapper == "inswapper" and identity is None:
+            raise ValueError("default_swapper='inswapper' needs an IdentitySwapper")
         self.detector = detector
+        self.face_detector: FaceDetector = face_detector or detector
+        """What `find_faces` detects with: `detector`, or SCRFD when chosen. (The real-time
+        tracker still takes `detector`, a CenterFace, by type.)"""
         self.landmarker = landmarker
         self.swapper = swapper
+        self.identity = identity
+        """ArcFace + inswapper when loaded: faces whose source is an `IdentityFace` get it."""
+        self.enhancer = enhancer
+        """GFPGAN or CodeFormer when loaded: run on every swapped face (`enhance=`)."""
+        self.parser = parser
+        """BiSeNet when loaded: what covers a face stays in front of it (`occlusion=`)."""
+        self.default_swapper = default_swapper
         self.detection_size = detection_size
         self.shape_strength = shape_strength
         self.timer = timer or StageTimer()
@@ -109,7 +199,7 @@ class FacePipeline:
         """
         require_bgr8(image_bgr)
         started = time.perf_counter()
-        detections = self.detector.detect(image_bgr, max_side=self.detection_size)
+        detections = self.face_detector.detect(image_bgr, max_side=self.detection_size)
         detections = [d for d in detections if max(d.width, d.height) >= MIN_FACE_SIZE]
         self.timer.add("detect", started)
         if not detections:
@@ -130,14 +220,29 @@ class FacePipeline:
         ]
         return sorted(kept, key=lambda m: -m.size)
 
-    def prepare_source(self, image_bgr: np.ndarray) -> PreparedSource:
+    def prepare_source(
+        self, image_bgr: np.ndarray, *, swapper: SwapperChoice | None = None
+    ) -> PreparedSource:
         meshes = self.find_faces(image_bgr)
         if not meshes:
             raise NoFaceError("no face found in the source image")
-        started = time.perf_counter()
-        face = self.swapper.prepare_source(image_bgr, meshes[0])
-        self.timer.add("prepare_source", started)
+        face = self.prepare_source_face(image_bgr, meshes[0], swapper=swapper)
         return PreparedSource(face=face, faces_in_image=len(meshes))
+
+    def prepare_source_face(
+        self, image_bgr: np.ndarray, mesh: FaceMesh, *, swapper: SwapperChoice | None = None
+    ) -> SourceFace:
+        """The source face for `swapper` (default: the pipeline's). An inswapper source
+        (`IdentityFace`) is also a mesh source, so a session may switch swappers."""
+        started = time.perf_counter()
+        face = self.swapper.prepare_source(image_bgr, mesh)
+        if (swapper or self.default_swapper) == "inswapper":
+            if self.identity is None:
+                raise ValueError("this pipeline has no inswapper loaded")
+            keypoints = mesh_keypoints(mesh.points, self.swapper.topology)
+            face = self.identity.prepare(image_bgr, keypoints, face)
+        self.timer.add("prepare_source", started)
+        return face
 
     def swap_faces(
         self,
@@ -163,16 +268,44 @@ class FacePipeline:
         *,
         scale: float = 1.0,
         shape_transfer: bool = True,
+        enhance: bool = True,
+        occlusion: bool = True,
     ) -> None:
         """Replace one face in the frame.
 
         The real-time path's cheaper levels trade detail for time: `scale` < 1 renders,
         masks and colour-matches the face at that fraction of its size and blends the
         upscaled result; `shape_transfer=False` keeps the target's face shape (no reshape
-        of the target's pixels, the costliest step after the landmarks).
+        of the target's pixels, the costliest step after the landmarks). An `IdentityFace`
+        source is swapped by inswapper instead (where loaded). `enhance` and `occlusion`
+        run the face enhancer and the occlusion mask where loaded; the enhancer is the
+        first thing a cheaper level drops.
         """
         if not np.isfinite(mesh.points).all():
             return  # a broken fit: leave the face as it is
+        kept = self._find_occluders(frame_bgr, mesh) if occlusion else None
+        if isinstance(source, IdentityFace) and self.identity is not None:
+            self._swap_identity_in_place(frame_bgr, source, mesh)
+        else:
+            self._swap_mesh_in_place(
+                frame_bgr, source, mesh, scale=scale, shape_transfer=shape_transfer
+            )
+        if enhance and self.enhancer is not None:
+            self._enhance_in_place(frame_bgr, mesh)
+        if kept is not None:
+            box, original, occluding = kept
+            x1, y1, x2, y2 = box
+            alpha_blend(frame_bgr[y1:y2, x1:x2], original, occluding)
+
+    def _swap_mesh_in_place(
+        self,
+        frame_bgr: np.ndarray,
+        source: SourceFace,
+        mesh: FaceMesh,
+        *,
+        scale: float,
+        shape_transfer: bool,
+    ) -> None:
         started = time.perf_counter()
         strength = self.shape_strength if shape_transfer else 0.0
         points = self.swapper.transfer_shape(source, mesh.points, strength)
@@ -208,6 +341,65 @@ class FacePipeline:
             alpha = cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
         alpha_blend(region, rendered, alpha)
         self.timer.add("blend", started)
+
+    def _swap_identity_in_place(
+        self, frame_bgr: np.ndarray, source: IdentityFace, mesh: FaceMesh
+    ) -> None:
+        """inswapper on the face aligned by its mesh's five keypoints, blended through
+        the mesh swapper's own mask, colour match and feather."""
+        assert self.identity is not None
+        box = face_box(mesh, frame_bgr.shape[:2])
+        if box is None:
+            return
+        started = time.perf_counter()
+        keypoints = mesh_keypoints(mesh.points, self.swapper.topology)
+        rendered, coverage = self.identity.render(frame_bgr, source, keypoints, box)
+        self.timer.add("swap", started)
+        started = time.perf_counter()
+        x1, y1, x2, y2 = box
+        region = frame_bgr[y1:y2, x1:x2]
+        alpha = face_mask(mesh.points, self.swapper.topology, coverage, box, mesh.size)
+        rendered = match_colour(rendered, region, alpha, mesh.size)
+        alpha_blend(region, rendered, alpha)
+        self.timer.add("blend", started)
+
+    def _enhance_in_place(self, frame_bgr: np.ndarray, mesh: FaceMesh) -> None:
+        """Restore the swapped face's detail, through the same face mask."""
+        assert self.enhancer is not None
+        box = face_box(mesh, frame_bgr.shape[:2])
+        if box is None:
+            return
+        started = time.perf_counter()
+        keypoints = mesh_keypoints(mesh.points, self.swapper.topology)
+        restored, coverage = self.enhancer.enhance(frame_bgr, keypoints, box)
+        x1, y1, x2, y2 = box
+        alpha = face_mask(mesh.points, self.swapper.topology, coverage, box, mesh.size)
+        alpha_blend(frame_bgr[y1:y2, x1:x2], restored, alpha)
+        self.timer.add("enhance", started)
+
+    def _find_occluders(
+        self, frame_bgr: np.ndarray, mesh: FaceMesh
+    ) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray] | None:
+        """What covers the face before it is swapped: (box, the box's pixels now, 0..1
+        where they are to stay in front), or None without a parser or a box."""
+        if self.parser is None:
+            return None
+        box = face_box(mesh, frame_bgr.shape[:2])
+        if box is None:
+            return None
+        started = time.perf_counter()
+        keypoints = mesh_keypoints(mesh.points, self.swapper.topology)
+        occluding = self.parser.occluders(frame_bgr, keypoints, box)
+        # Only over the face: around it, the swap's own mask already keeps the target.
+        x1, y1, x2, y2 = box
+        inside = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
+        outline = mask_outline(mesh.points, self.swapper.topology) - (x1, y1)
+        cv2.fillPoly(inside, [np.round(outline).astype(np.int32)], 1)
+        occluding *= inside
+        self.timer.add("occlusion", started)
+        if not occluding.any():
+            return None
+        return box, frame_bgr[y1:y2, x1:x2].copy(), occluding
 
 
 def face_box(mesh: FaceMesh, frame_shape: tuple[int, int]) -> tuple[int, int, int, int] | None:

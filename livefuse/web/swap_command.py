@@ -1,5 +1,9 @@
 """`livefuse swap`: one source face onto an image, a directory of images, or a video.
 
+`--swapper inswapper`, `--detector scrfd`, `--enhancer gfpgan|codeformer` and
+`--occlusion` use bring-your-own models (`livefuse models pull NAME --url URL`); one that
+is not registered is reported in one line saying how to register it.
+
 Every problem with an input is reported in one line and nothing already done is lost:
 in a directory, an unreadable file is skipped and named, an image with no face is
 written through unchanged and named, and the rest are swapped.
@@ -58,7 +62,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _say(f"source: {error}")
         return EXIT_BAD_INPUT
 
-    pipeline = FacePipeline.from_store(ModelStore(settings.models_dir), threads=settings.threads)
+    pipeline = FacePipeline.from_store(
+        ModelStore(settings.models_dir),
+        threads=settings.threads,
+        swapper=getattr(args, "swapper", "mesh"),
+        detector=getattr(args, "detector", "centerface"),
+        enhancer=getattr(args, "enhancer", "none"),
+        occlusion=getattr(args, "occlusion", False),
+    )
     try:
         prepared = pipeline.prepare_source(source_image)
     except NoFaceError:
