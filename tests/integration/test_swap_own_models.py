@@ -1,0 +1,124 @@
+"""`livefuse swap` with bring-your-own models: registered stand-ins with the public
+files' signatures in a LIVEFUSE_HOME of their own, real photos, the real command."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from livefuse.engines import pipeline as pipeline_module
+from livefuse.engines.pipeline import FacePipeline
+from livefuse.engines.registry import KNOWN_MODELS, MODELS, KnownFile, OwnSource
+from livefuse.engines.scrfd import SCRFDDetector
+from livefuse.engines.store import ModelStore
+from livefuse.web.cli import main
+from livefuse.web.model_pull import register
+from tests.own_models import (
+    make_arcface,
+    make_enhancer,
+    make_face_parser,
+    make_inswapper,
+    make_scrfd,
+)
+
+_MAKERS = {
+    "inswapper_128": make_inswapper,
+    "w600k_r50": make_arcface,
+    "det_10g": make_scrfd,
+    "gfpgan_1.4": make_enhancer,
+    "face_parser": make_face_parser,
+}
+
+
+@pytest.fixture
+def home(model_store: ModelStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A LIVEFUSE_HOME with the embedded models copied in and nothing of one's own.
+
+    inswapper_128 is pinned to the public file's sha256, which no stand-in has: here it
+    is accepted by signature, like the models that pin none.
+    """
+    home = tmp_path / "home"
+    models = home / "models"
+    models.mkdir(parents=True)
+    for name in MODELS:
+        shutil.copy2(model_store.path(name), models)
+        shutil.copy2(model_store.sidecar(name), models)
+    monkeypatch.setenv("LIVEFUSE_HOME", str(home))
+    spec = KNOWN_MODELS["inswapper_128"]
+    unpinned = dataclasses.replace(spec, source=OwnSource(known=(KnownFile(spec.filename),)))
+    monkeypatch.setattr(
+        pipeline_module, "KNOWN_MODELS", {**KNOWN_MODELS, "inswapper_128": unpinned}
+    )
+    return home
+
+
+def bring(home: Path, *names: str) -> None:
+    store = ModelStore(home / "models", models=pipeline_module.KNOWN_MODELS)
+    for name in names:
+        file = _MAKERS[name](home.parent / "brought" / f"{name}.onnx")
+        register(store, name, path=file, downloads=home / "downloads")
+
+
+def swap(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main(["swap", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_swap_with_inswapper_enhancer_and_occlusion(
+    capsys: pytest.CaptureFixture[str], home: Path, group_path: Path, astronaut_path: Path
+) -> None:
+    bring(home, "inswapper_128", "w600k_r50", "gfpgan_1.4", "face_parser")
+    outputs = {}
+    for label, extra in {
+        "mesh": [],
+        "inswapper": ["--swapper", "inswapper"],
+        "everything": ["--swapper", "inswapper", "--enhancer", "gfpgan", "--occlusion"],
+    }.items():
+        output = home.parent / f"{label}.png"
+        code, out, err = swap(
+            capsys, "--source", group_path, "--target", astronaut_path, "--output", output, *extra
+        )
+        assert code == 0, err
+        assert "swapped 1 face(s) in 1 image(s)" in out
+        outputs[label] = cv2.imread(str(output)).astype(int)
+    original = cv2.imread(str(astronaut_path)).astype(int)
+    for label, result in outputs.items():
+        assert np.abs(result - original).max() > 30, label
+    assert np.abs(outputs["inswapper"] - outputs["mesh"]).max() > 30
+    assert np.abs(outputs["everything"] - outputs["inswapper"]).max() > 10
+
+
+def test_swap_with_an_unregistered_model_says_how_to_bring_it(
+    capsys: pytest.CaptureFixture[str], home: Path, group_path: Path, astronaut_path: Path
+) -> None:
+    output = home.parent / "out.png"
+    code, _, err = swap(
+        capsys,
+        "--source",
+        group_path,
+        "--target",
+        astronaut_path,
+        "--output",
+        output,
+        "--swapper",
+        "inswapper",
+    )
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "'w600k_r50' is not registered" in err
+    assert "livefuse models pull w600k_r50 --url URL" in err
+    assert not output.exists()
+
+
+def test_scrfd_is_loaded_when_chosen(home: Path) -> None:
+    bring(home, "det_10g")
+    store = ModelStore(home / "models")
+    pipeline = FacePipeline.from_store(store, threads=1, detector="scrfd")
+    assert isinstance(pipeline.face_detector, SCRFDDetector)
+    assert pipeline.detector is not pipeline.face_detector  # the tracker keeps CenterFace
