@@ -188,17 +188,15 @@ def verify_models(store: ModelStore, names: list[str]) -> int:
     statuses = store.verify(names)
     out = _console()
     for status in statuses.values():
-        out.print(_verify_line(status), markup=False)
+        out.print(_verify_line(status, own=_is_own(store, status.name)), markup=False)
     return 0 if all(status.ok for status in statuses.values()) else 1
 
 
-def _verify_line(status: ModelStatus) -> str:
+def _verify_line(status: ModelStatus, *, own: bool = False) -> str:
     if status.ok:
         return f"ok       {status.name}: {status.path}"
-    return (
-        f"{status.state:<8} {status.name}: {status.detail} "
-        f"(run `livefuse models pull {status.name}`)"
-    )
+    fix = f"livefuse models pull {status.name}" + (" --url URL|--path FILE" if own else "")
+    return f"{status.state:<8} {status.name}: {status.detail} (run `{fix}`)"
 
 
 def _human_size(size: int) -> str:
