@@ -76,6 +76,82 @@ def run_bench(
     on_frame: Callable[[ProcessedFrame], None] | None = None,
 ) -> dict[str, object]:
     """Run the clip through a threaded scheduler; the figures of DESIGN.md's bench JSON."""
+    run = _drive(pipeline, clip, paced=paced, on_frame=on_frame)
+    return summarise(
+        run.outputs,
+        clip=clip,
+        elapsed_s=run.elapsed_s,
+        dropped=len(clip.frames) - len(run.outputs),
+        errors=dict(pipeline.errors),
+    )
+
+
+def run_streams(
+    pipelines: list[RealtimePipeline], clip: Clip, *, paced: bool = True
+) -> dict[str, object]:
+    """The clip as N concurrent streams, one pipeline each, started a fraction of a frame
+    apart as independent cameras would be. Latency percentiles are over every frame of
+    every stream; `aggregate_fps` is all frames out over the longest stream's time."""
+    runs: list[_Run | None] = [None] * len(pipelines)
+    stagger = 1.0 / clip.fps / max(1, len(pipelines))
+
+    def drive(index: int) -> None:
+        time.sleep(index * stagger)
+        runs[index] = _drive(pipelines[index], clip, paced=paced)
+
+    threads = [
+        threading.Thread(target=drive, args=(i,), name=f"bench-stream-{i}")
+        for i in range(len(pipelines))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done = [run for run in runs if run is not None]
+    if len(done) != len(pipelines):
+        raise RuntimeError("a bench stream failed; see the log")
+    outputs = [output for run in done for output in run.outputs]
+    elapsed = max(run.elapsed_s for run in done)
+    errors: Counter[str] = Counter()
+    for pipeline in pipelines:
+        errors.update(pipeline.errors)
+    figures = summarise(
+        outputs,
+        clip=clip,
+        elapsed_s=elapsed,
+        dropped=len(clip.frames) * len(pipelines) - len(outputs),
+        errors=dict(errors),
+    )
+    per_stream = [
+        {
+            "frames_out": len(run.outputs),
+            "fps": round(len(run.outputs) / run.elapsed_s, 2) if run.elapsed_s > 0 else 0.0,
+            "latency_ms": _percentiles([o.stats.latency_ms for o in run.outputs]),
+        }
+        for run in done
+    ]
+    return {
+        **figures,
+        "streams": len(pipelines),
+        "aggregate_fps": figures["fps"],
+        "fps": round(float(np.mean([stream["fps"] for stream in per_stream])), 2),
+        "per_stream": per_stream,
+    }
+
+
+@dataclass
+class _Run:
+    outputs: list[ProcessedFrame]
+    elapsed_s: float
+
+
+def _drive(
+    pipeline: RealtimePipeline,
+    clip: Clip,
+    *,
+    paced: bool,
+    on_frame: Callable[[ProcessedFrame], None] | None = None,
+) -> _Run:
     collected = _Collected(outputs=[], output_times=[], done=threading.Condition())
 
     def keep(output: ProcessedFrame) -> None:
@@ -106,13 +182,7 @@ def run_bench(
         scheduler.close()
     outputs = collected.outputs
     elapsed = (collected.output_times[-1] - started) if outputs else float("nan")
-    return summarise(
-        outputs,
-        clip=clip,
-        elapsed_s=elapsed,
-        dropped=len(clip.frames) - len(outputs),
-        errors=dict(pipeline.errors),
-    )
+    return _Run(outputs=outputs, elapsed_s=elapsed)
 
 
 def summarise(
@@ -123,7 +193,7 @@ def summarise(
     dropped: int,
     errors: dict[str, int],
 ) -> dict[str, object]:
-    latencies = np.array([o.stats.latency_ms for o in outputs]) if outputs else np.zeros(1)
+    latencies = [o.stats.latency_ms for o in outputs]
     stage_totals: dict[str, list[float]] = defaultdict(list)
     for output in outputs:
         for stage, ms in output.stats.stages_ms.items():
@@ -138,7 +208,7 @@ def summarise(
         "frames_out": len(outputs),
         "fps": round(len(outputs) / elapsed_s, 2) if outputs and elapsed_s > 0 else 0.0,
         "dropped_frames": dropped,
-        "latency_ms": {f"p{p}": round(float(np.percentile(latencies, p)), 2) for p in (50, 95, 99)},
+        "latency_ms": _percentiles(list(latencies)),
         "stages_ms": {
             stage: round(float(np.mean(values)), 2) for stage, values in stage_totals.items()
         },
@@ -176,6 +246,11 @@ def landmark_jitter(outputs: list[ProcessedFrame]) -> dict[str, float | None]:
         return round(float(np.sqrt(squares / count)), 3) if count else None
 
     return {"smoothed": rms(smoothed), "raw": rms(raw)}
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    values = np.array(latencies) if latencies else np.zeros(1)
+    return {f"p{p}": round(float(np.percentile(values, p)), 2) for p in (50, 95, 99)}
 
 
 def _mean(values: list[int]) -> float:

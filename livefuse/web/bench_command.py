@@ -24,7 +24,7 @@ from livefuse.engines.images import ImageError, read_image
 from livefuse.engines.pipeline import FacePipeline, NoFaceError
 from livefuse.engines.store import ModelStore
 from livefuse.settings import Settings
-from livefuse.stream.bench import Clip, load_clip, run_bench
+from livefuse.stream.bench import Clip, load_clip, run_bench, run_streams
 from livefuse.stream.realtime import RealtimePipeline
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -77,29 +77,37 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_BAD_INPUT
 
     # As the service runs it: the tracking in a child process, the swap in this one.
-    pipeline = RealtimePipeline(
-        faces=faces,
-        quality=args.quality,
-        target_fps=clip.fps,
-        face_selection=args.faces,
-        track_in_child=True,
-    )
-    pipeline.source = source
-    for index, frame in enumerate(clip.frames[:_WARMUP_FRAMES]):
-        pipeline.process(frame, timestamp=index / clip.fps)
-    pipeline.reset()
-
-    mode = "unpaced" if args.unpaced else "paced"
-    print(
-        f"livefuse bench: {len(clip.frames)} frames of {clip.width}x{clip.height} at "
-        f"{clip.fps:g} fps, {mode}, quality {args.quality}",
-        file=sys.stderr,
-    )
-    started = time.time()
+    pipelines = []
     try:
-        figures = run_bench(pipeline, clip, paced=not args.unpaced)
+        for _ in range(args.streams):
+            pipeline = RealtimePipeline(
+                faces=faces,
+                quality=args.quality,
+                target_fps=clip.fps,
+                face_selection=args.faces,
+                track_in_child=True,
+            )
+            pipelines.append(pipeline)
+            pipeline.source = source
+            for index, frame in enumerate(clip.frames[:_WARMUP_FRAMES]):
+                pipeline.process(frame, timestamp=index / clip.fps)
+            pipeline.reset()
+
+        mode = "unpaced" if args.unpaced else "paced"
+        streams = f", {args.streams} streams" if args.streams > 1 else ""
+        print(
+            f"livefuse bench: {len(clip.frames)} frames of {clip.width}x{clip.height} at "
+            f"{clip.fps:g} fps, {mode}, quality {args.quality}{streams}",
+            file=sys.stderr,
+        )
+        started = time.time()
+        if args.streams == 1:
+            figures = run_bench(pipelines[0], clip, paced=not args.unpaced)
+        else:
+            figures = run_streams(pipelines, clip, paced=not args.unpaced)
     finally:
-        pipeline.close()
+        for pipeline in pipelines:
+            pipeline.close()
     result: dict[str, Any] = {
         "device": device_description(),
         "backend": "cpu",
@@ -129,6 +137,10 @@ def print_table(result: dict[str, Any], clip: Clip) -> None:
     table.add_row("mode / quality", f"{result['mode']} / {result['quality']}")
     table.add_row("frames out / dropped", f"{result['frames_out']} / {result['dropped_frames']}")
     table.add_row("fps", f"{result['fps']:.1f}")
+    if "streams" in result:
+        table.add_row(
+            "streams / aggregate fps", f"{result['streams']} / {result['aggregate_fps']:.1f}"
+        )
     table.add_row(
         "latency p50 / p95 / p99 ms",
         f"{latency['p50']:.1f} / {latency['p95']:.1f} / {latency['p99']:.1f}",

@@ -23,6 +23,13 @@ from livefuse.web import models_command
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="livefuse", description="Real-time face swap for live video."
@@ -89,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--faces", choices=("all", "largest"), default="all")
     bench.add_argument(
         "--unpaced", action="store_true", help="hand in frames as fast as they are taken"
+    )
+    bench.add_argument(
+        "--streams",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run the clip as N concurrent streams (default 1)",
     )
 
     clip = commands.add_parser(

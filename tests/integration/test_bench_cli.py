@@ -111,3 +111,23 @@ def test_clip_rejects_bad_arguments(
         capsys, "clip", "--photo", tmp_path / "none.jpg", "--output", tmp_path / "c.y4m"
     )
     assert code == 2 and "photo" in err
+
+
+def test_bench_streams_reports_the_aggregate(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, group_clip: Path, hanks_path: Path
+) -> None:
+    out = tmp_path / "bench.json"
+    code, table, _ = run(
+        capsys, "bench", "--source", hanks_path, "--video", group_clip, "--json", out,
+        "--streams", "2", "--quality", "fast",
+    )  # fmt: skip
+    assert code == 0 and "aggregate fps" in table
+    result = json.loads(out.read_text())
+    assert result["streams"] == 2 and len(result["per_stream"]) == 2
+    assert result["frames_out"] + result["dropped_frames"] == 120
+    assert sum(s["frames_out"] for s in result["per_stream"]) == result["frames_out"]
+    total = sum(s["fps"] for s in result["per_stream"])
+    assert abs(result["aggregate_fps"] - total) <= 0.1 * total
+    with pytest.raises(SystemExit):  # argparse: "must be 1 or more"
+        main(["bench", "--source", str(hanks_path), "--video", str(group_clip), "--streams", "0"])
+    assert "must be 1 or more" in capsys.readouterr().err
