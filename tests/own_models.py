@@ -208,3 +208,29 @@ def make_face_parser(path: Path) -> Path:
         initializers,
     )
     return _save(graph, path)
+
+
+def make_codeformer(path: Path, *, seed: int = 5) -> Path:
+    """CodeFormer's layout: (1,3,512,512) RGB in -1..1 and a float64 fidelity weight (1,)
+    -> (1,3,512,512) in -1..1; here the weight blends the input with a darker copy."""
+    rng = np.random.default_rng(seed)
+    conv_w = np.zeros((3, 3, 3, 3), dtype=np.float32)
+    conv_w[np.arange(3), np.arange(3), 1, 1] = 1.0
+    conv_w += rng.standard_normal(conv_w.shape).astype(np.float32) * 0.05
+    nodes = [
+        helper.make_node("Conv", ["input", "conv_w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Cast", ["weight"], ["weight_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["conv", "weight_f"], ["scaled"]),
+        helper.make_node("Tanh", ["scaled"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "codeformer_standin",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 512, 512]),
+            helper.make_tensor_value_info("weight", TensorProto.DOUBLE, [1]),
+        ],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 512, 512])],
+        [numpy_helper.from_array(conv_w, "conv_w")],
+    )
+    return _save(graph, path)
