@@ -287,13 +287,22 @@ def register(
     if (url is None) == (path is None):
         raise ModelPullError(name, "give exactly one of --url URL and --path FILE")
     wanted = _wanted_sha256(spec, source, sha256)
+    origin = (
+        {"url": url} if url is not None else {"path": str(Path(str(path)).expanduser().resolve())}
+    )
+    record = store.record(name) or {}
+    if (
+        store.status(name) == "ok"
+        and all(record.get("source", {}).get(k) == v for k, v in origin.items())
+        and (not wanted or record.get("sha256") in wanted)
+    ):
+        return PullResult(name, store.file(name), "present")  # the same file from the same place
     if path is not None:
         file = path.expanduser()
         if not file.is_file():
             raise ModelPullError(name, f"{path} is not a file")
         digest = _hash_file(name, file)
         _check_brought(store, spec, file, digest, wanted, what=str(path))
-        origin: dict[str, str] = {"path": str(file.resolve())}
         target = store.commit(
             ConvertedModel(name, file, {}, origin=origin), sha256=digest, move=False
         )
@@ -309,7 +318,7 @@ def register(
         partial.unlink(missing_ok=True)  # whole but wrong: resuming it would not help
         raise
     target = store.commit(
-        ConvertedModel(name, partial, {}, origin={"url": url}), sha256=digest, move=True
+        ConvertedModel(name, partial, {}, origin=origin), sha256=digest, move=True
     )
     partial.unlink(missing_ok=True)
     return PullResult(name, target, "pulled")
@@ -361,6 +370,14 @@ def _hash_file(name: str, file: Path) -> str:
         raise ModelPullError(name, f"cannot read {file}: {error}") from None
 
 
+def _range_start(content_range: str | None) -> int | None:
+    """The first byte of a `Content-Range: bytes START-END/TOTAL` header, if it has one."""
+    if not content_range or not content_range.startswith("bytes "):
+        return None
+    start = content_range[len("bytes ") :].split("-", 1)[0]
+    return int(start) if start.isdigit() else None
+
+
 def _download_resumable(name: str, url: str, partial: Path, on_bytes: ByteProgress | None) -> str:
     """Fetch `url` into `partial`, continuing from its current length; its sha256.
 
@@ -389,6 +406,11 @@ def _download_resumable(name: str, url: str, partial: Path, on_bytes: ByteProgre
         raise ModelPullError(name, f"cannot download {url}: {error}") from None
     with response:
         resumed = have > 0 and response.status == 206
+        if resumed and _range_start(response.headers.get("Content-Range")) != have:
+            # A 206 that does not continue where the partial file ends cannot be appended.
+            response.close()
+            partial.unlink(missing_ok=True)
+            return _download_resumable(name, url, partial, on_bytes)
         if not resumed:
             have = 0
         length = response.headers.get("Content-Length")

@@ -43,6 +43,7 @@ class FileServer:
         self.requests: list[dict[str, str]] = []
         self.cut_after: int | None = None
         self.honour_range = True
+        self.range_offset = 0  # > 0: a 206 that starts that many bytes early (a bad server)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,6 +63,7 @@ class FileServer:
                         self.end_headers()
                         return
                     status = 206
+                    start -= server.range_offset
                 body = data[start:]
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
@@ -249,6 +251,34 @@ def test_server_ignoring_range_restarts_the_download(
     server.honour_range = False
     result = register(store, "w600k_r50", url=url, downloads=downloads(store))
     assert result.path.read_bytes() == data
+
+
+def test_a_range_answer_from_elsewhere_restarts_the_download(
+    store: ModelStore, standins: dict[str, Path], server: FileServer
+) -> None:
+    data = standins["w600k_r50"].read_bytes()
+    url = server.serve("/w600k_r50.onnx", data)
+    server.cut_after = 500_000
+    with pytest.raises(ModelPullError, match="again to resume"):
+        register(store, "w600k_r50", url=url, downloads=downloads(store))
+    server.range_offset = 1000
+    result = register(store, "w600k_r50", url=url, downloads=downloads(store))
+    assert result.path.read_bytes() == data
+    assert "range" not in server.requests[-1]  # the restart asked for the whole file
+
+
+def test_pulling_the_same_file_again_downloads_nothing(
+    store: ModelStore, standins: dict[str, Path], server: FileServer
+) -> None:
+    url = server.serve("/w600k_r50.onnx", standins["w600k_r50"].read_bytes())
+    assert register(store, "w600k_r50", url=url, downloads=downloads(store)).action == "pulled"
+    count = len(server.requests)
+    again = register(store, "w600k_r50", url=url, downloads=downloads(store))
+    assert again.action == "present" and len(server.requests) == count
+    # From somewhere else, it is fetched and checked again.
+    other = server.serve("/mirror/w600k_r50.onnx", standins["w600k_r50"].read_bytes())
+    assert register(store, "w600k_r50", url=other, downloads=downloads(store)).action == "pulled"
+    assert store.record("w600k_r50")["source"]["url"] == other  # type: ignore[index]
 
 
 def test_path_pull_and_a_given_sha256(store: ModelStore, standins: dict[str, Path]) -> None:
