@@ -10,9 +10,9 @@ BIN := $(VENV)/bin
 # (cheap when present: sha256 against their records, no network).
 INSTALL_STAMP := $(VENV)/.install-stamp
 
-.PHONY: install models fixtures test lint format serve clean
+.PHONY: install models fixtures browser test lint format serve clean
 
-install: $(INSTALL_STAMP) models fixtures
+install: $(INSTALL_STAMP) models fixtures browser
 
 $(INSTALL_STAMP): pyproject.toml
 	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
@@ -39,9 +39,24 @@ format: $(INSTALL_STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-serve: $(INSTALL_STAMP)
-	@echo "livefuse serve arrives with the streaming service; until then, swap files:"
-	@echo "  $(BIN)/livefuse swap --source FACE.jpg --target IMAGE|DIR|VIDEO --output PATH [--faces all|largest]"
+# The browser tests drive the system's Chromium (Debian's `chromium`) through Playwright.
+# Installed with apt-get when missing (through sudo unless root); elsewhere, say what to do.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium for the browser tests (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; \
+	else \
+	  echo "no chromium and no apt-get: install Chromium and set LIVEFUSE_CHROMIUM to its path"; \
+	fi
+
+# The service on the embedded models: http://127.0.0.1:8080/ (HOST/PORT/TOKEN to change).
+HOST ?= 127.0.0.1
+PORT ?= 8080
+serve: $(INSTALL_STAMP) models
+	$(BIN)/livefuse serve --host $(HOST) --port $(PORT) $(if $(TOKEN),--token $(TOKEN))
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

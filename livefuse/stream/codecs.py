@@ -95,3 +95,51 @@ def prefer_h264(transceiver: RTCRtpTransceiver) -> None:
         if codec.payloadType in by_apt:
             result.append(by_apt[codec.payloadType])
     transceiver._codecs = result
+
+
+# Sent to the peer in our answer's fmtp lines, in kbit/s. aiortc's receive-side estimate
+# (REMB) reads a busy event loop's late packet reads as congestion and can drive a
+# browser's sender down to 30 kbit/s, at which 720p is a smear of blocks; a browser honours
+# these floors for its own sender. The bench and the tests see the same through aiortc's
+# sender, whose floor is `H264_BITRATES[0]`.
+BROWSER_BITRATE_KBPS = (1_500, 3_000, 8_000)  # min, start, max
+_BITRATE_CODECS = ("h264", "vp8")
+
+
+def with_bitrate_hints(sdp: str) -> str:
+    """The answer with x-google-{min,start,max}-bitrate on its video H.264/VP8 formats."""
+    low, start, high = BROWSER_BITRATE_KBPS
+    hint = f"x-google-min-bitrate={low};x-google-start-bitrate={start};x-google-max-bitrate={high}"
+    lines = sdp.split("\r\n")
+    result: list[str] = []
+    in_video = False
+    hinted: set[str] = set()
+    pending: list[str] = []  # payload types of this section still without an fmtp line
+
+    def flush() -> None:
+        result.extend(f"a=fmtp:{pt} {hint}" for pt in pending if pt not in hinted)
+        pending.clear()
+
+    for line in lines:
+        if line.startswith("m="):
+            if in_video:
+                flush()
+            in_video = line.startswith("m=video")
+            hinted.clear()
+        elif in_video and line.startswith("a=rtpmap:"):
+            payload, _, codec = line[len("a=rtpmap:") :].partition(" ")
+            if codec.split("/")[0].lower() in _BITRATE_CODECS:
+                pending.append(payload)
+        elif in_video and line.startswith("a=fmtp:"):
+            payload, _, params = line[len("a=fmtp:") :].partition(" ")
+            if payload in pending:
+                line = f"a=fmtp:{payload} {params};{hint}" if params else f"a=fmtp:{payload} {hint}"
+                hinted.add(payload)
+        result.append(line)
+    if in_video:
+        # The section's last line may be the empty string after the final CRLF.
+        tail = result.pop() if result and result[-1] == "" else None
+        flush()
+        if tail is not None:
+            result.append(tail)
+    return "\r\n".join(result)

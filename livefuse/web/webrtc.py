@@ -109,7 +109,7 @@ async def answer(
         ) from error
     local = pc.localDescription
     assert local is not None
-    return local.sdp
+    return codecs.with_bitrate_hints(local.sdp)
 
 
 async def whip_post(request: web.Request, service: Service) -> web.Response:

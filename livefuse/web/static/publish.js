@@ -4,6 +4,7 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const state = { source: null, pc: null, camera: null, resource: null, session: null, timer: null };
+  window.livefuseState = state; // for the browser test and the curious: the live peer connection
 
   function say(text, kind) {
     const box = $("message");

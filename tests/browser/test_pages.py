@@ -1,0 +1,175 @@
+"""The pages in a real headless Chromium: its fake camera plays a y4m clip of a face, the
+publisher page streams it over WHIP and shows the swapped video that comes back, and the
+viewer page plays the session over WHEP.
+
+Chromium is the system's (Debian `chromium`, installed by `make browser`), driven by
+Playwright; LIVEFUSE_CHROMIUM may name another binary. LIVEFUSE_UPDATE_SCREENSHOT=1
+also writes the README's screenshot to docs/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from livefuse.settings import Settings
+from livefuse.stream.clip import write_clip
+from tests.identity import DlibRecognizer
+from tests.media import portrait, widescreen
+from tests.webrtc_peers import LiveServer, live_server
+
+pytestmark = pytest.mark.slow
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+SCREENSHOT = DOCS / "browser_publisher.png"
+
+
+def chromium_path() -> str:
+    path = os.environ.get("LIVEFUSE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).is_file():
+        pytest.fail(
+            f"no Chromium at {path}: run `make browser` (apt-get install chromium) "
+            "or set LIVEFUSE_CHROMIUM",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(settings: Settings) -> Iterator[LiveServer]:
+    with live_server(settings.model_copy(update={"idle_timeout_s": 5.0})) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def media(
+    tmp_path_factory: pytest.TempPathFactory, testdata_dir: Path
+) -> tuple[Path, Path, list[int]]:
+    """(the camera's y4m clip, a source photo, the face's box in the camera's picture)."""
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("browser")
+    astronaut = widescreen(np.ascontiguousarray(data.astronaut()[:, :, ::-1]))
+    # A still picture with sensor noise: camera and swapped video can then be compared.
+    clip = write_clip(astronaut, folder / "camera.y4m", seconds=1.0, fps=30, static=True)
+    t1 = cv2.imread(str(testdata_dir / "t1.jpg"))
+    assert t1 is not None, "t1.jpg is missing: run make install"
+    recognizer = DlibRecognizer(use_cnn=False)
+    boxes, _ = recognizer.detect(t1)
+    source = folder / "source.png"
+    cv2.imwrite(str(source), portrait(t1, sorted(boxes)[2]))
+    # A still clip covers the frame with the picture at its own aspect: a plain resize.
+    frame = cv2.resize(astronaut, (1280, 720), interpolation=cv2.INTER_AREA)
+    faces, _ = recognizer.detect(frame)
+    assert faces, "dlib finds no face in the camera's picture"
+    return clip, source, [int(v) for v in max(faces, key=lambda b: b[2] - b[0])]
+
+
+_FACE_AND_CORNER_DIFF = """
+([x1, y1, x2, y2]) => {
+  const grab = (id) => {
+    const video = document.getElementById(id);
+    const canvas = document.createElement("canvas");
+    canvas.width = 1280; canvas.height = 720;
+    const context = canvas.getContext("2d");
+    context.drawImage(video, 0, 0, 1280, 720);
+    return context;
+  };
+  const camera = grab("camera"), swapped = grab("swapped");
+  const diff = (x, y, w, h) => {
+    const a = camera.getImageData(x, y, w, h).data, b = swapped.getImageData(x, y, w, h).data;
+    let sum = 0;
+    for (let i = 0; i < a.length; i += 4) {
+      sum += Math.abs(a[i] - b[i]) + Math.abs(a[i + 1] - b[i + 1]) + Math.abs(a[i + 2] - b[i + 2]);
+    }
+    return sum / (a.length / 4) / 3;
+  };
+  return { face: diff(x1, y1, x2 - x1, y2 - y1), corner: diff(1000, 500, 200, 150) };
+}
+"""
+
+
+def test_publisher_page_shows_swapped_video_and_viewer_plays_it(
+    server: LiveServer, media: tuple[Path, Path, list[int]], tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    clip, source, box = media
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(),
+            args=[
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-video-capture={clip}",
+                "--autoplay-policy=no-user-gesture-required",
+                "--no-sandbox",
+            ],
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 760})
+            page = context.new_page()
+            page.goto(server.base + "/")
+            page.set_input_files("#source-file", str(source))
+            page.wait_for_function(
+                "document.getElementById('source-state').textContent.startsWith('face ready')",
+                timeout=30_000,
+            )
+            page.click("#start")
+            page.wait_for_function(
+                "Number(document.getElementById('stats').dataset.swapped || 0) >= 1",
+                timeout=60_000,
+            )
+            page.wait_for_function(
+                "(() => { const v = document.getElementById('swapped');"
+                " return v.videoWidth === 1280 && v.videoHeight === 720 && v.currentTime > 1; })()",
+                timeout=30_000,
+            )
+            assert not page.is_visible("#message.error"), page.text_content("#message")
+            session_id = page.text_content("#watch-url").rstrip("/").split("/")[-1]
+            assert session_id in server.service.sessions
+
+            # The page shows what the server made: the face differs from the camera's, the
+            # rest of the picture does not (beyond the codec's noise).
+            diff = page.evaluate(_FACE_AND_CORNER_DIFF, box)
+            assert diff["face"] > 3 * diff["corner"] + 4, diff
+            page.screenshot(path=str(tmp_path / "publisher.png"))
+            if os.environ.get("LIVEFUSE_UPDATE_SCREENSHOT"):
+                DOCS.mkdir(exist_ok=True)
+                page.screenshot(path=str(SCREENSHOT))
+
+            # A viewer (what an OBS Browser Source loads) plays the same session.
+            viewer = context.new_page()
+            viewer.goto(f"{server.base}/watch/{session_id}")
+            viewer.wait_for_function(
+                "(() => { const v = document.getElementById('video');"
+                " return v.videoWidth === 1280 && v.currentTime > 0.5; })()",
+                timeout=30_000,
+            )
+            assert len(server.service.sessions[session_id].viewers) == 1
+
+            # An address with no stream says so, in words.
+            missing = context.new_page()
+            missing.goto(f"{server.base}/watch/no-such-session")
+            missing.wait_for_function(
+                "document.getElementById('message').textContent.includes('no live stream')",
+                timeout=15_000,
+            )
+            page.click("#stop")
+            page.wait_for_function("!document.getElementById('start').disabled")
+            _wait_gone(server, session_id)
+        finally:
+            browser.close()
+
+
+def _wait_gone(server: LiveServer, session_id: str) -> None:
+    deadline = time.monotonic() + 15
+    while session_id in server.service.sessions:
+        assert time.monotonic() < deadline, "Stop did not end the session"
+        time.sleep(0.1)
