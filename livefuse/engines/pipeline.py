@@ -152,6 +152,7 @@ class FacePipeline:
             **options,  # type: ignore[arg-type]
         )
         pipeline.models_dir = store.models_dir
+        pipeline.detector_choice = detector
         return pipeline
 
     def __init__(
@@ -173,8 +174,8 @@ class FacePipeline:
             raise ValueError("default_swapper='inswapper' needs an IdentitySwapper")
         self.detector = detector
         self.face_detector: FaceDetector = face_detector or detector
-        """What `find_faces` detects with: `detector`, or SCRFD when chosen. (The real-time
-        tracker still takes `detector`, a CenterFace, by type.)"""
+        """What `find_faces` and the real-time tracker detect with: `detector`, or SCRFD
+        when chosen."""
         self.landmarker = landmarker
         self.swapper = swapper
         self.identity = identity
@@ -189,6 +190,9 @@ class FacePipeline:
         self.timer = timer or StageTimer()
         self.models_dir: Path | None = None
         """Where the models came from (`from_store`): a child process loads the same."""
+        self.detector_choice: DetectorChoice = (
+            "scrfd" if isinstance(self.face_detector, SCRFDDetector) else "centerface"
+        )
 
     def find_faces(self, image_bgr: np.ndarray) -> list[FaceMesh]:
         """Meshes of the faces in a still image, largest first.

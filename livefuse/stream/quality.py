@@ -2,7 +2,8 @@
 
 Each level trades picture quality for time: the detector's input size and how often it
 runs, how often the landmarks are refitted, the resolution the face is blended at, how
-many faces are swapped, and the output scale. The controller watches each frame's
+many faces are swapped, the face enhancer (bring-your-own; only the top level runs it) and
+the output scale. The controller watches each frame's
 processing time against the budget (1 / target fps), steps down at once when frames run
 over, and steps back up only after a long quiet spell (hysteresis), so it does not flap.
 """
@@ -34,6 +35,8 @@ class QualityLevel:
     """At most this many faces (largest first) are swapped; None: all of them."""
     output_scale: float
     """The output frame's size relative to the input."""
+    enhance: bool
+    """Run the face enhancer (where one is loaded): the first thing a cheaper level drops."""
 
 
 LADDER: tuple[QualityLevel, ...] = (
@@ -46,6 +49,7 @@ LADDER: tuple[QualityLevel, ...] = (
         shape_transfer=True,
         max_faces=None,
         output_scale=1.0,
+        enhance=True,
     ),
     QualityLevel(
         name="balanced",
@@ -56,6 +60,7 @@ LADDER: tuple[QualityLevel, ...] = (
         shape_transfer=True,
         max_faces=None,
         output_scale=1.0,
+        enhance=False,
     ),
     QualityLevel(
         name="fast",
@@ -66,6 +71,7 @@ LADDER: tuple[QualityLevel, ...] = (
         shape_transfer=False,
         max_faces=None,
         output_scale=1.0,
+        enhance=False,
     ),
     QualityLevel(
         name="minimal",
@@ -76,6 +82,7 @@ LADDER: tuple[QualityLevel, ...] = (
         shape_transfer=False,
         max_faces=4,
         output_scale=1.0,
+        enhance=False,
     ),
 )
 LEVELS_BY_NAME = {level.name: level for level in LADDER}

@@ -131,10 +131,12 @@ class RealtimePipeline:
         if track_in_child:
             if faces.models_dir is None:
                 raise ValueError("track_in_child needs a FacePipeline made by from_store")
-            self.tracker = TrackerProcess(models_dir=faces.models_dir, smoothing=smoothing)
+            self.tracker = TrackerProcess(
+                models_dir=faces.models_dir, smoothing=smoothing, detector=faces.detector_choice
+            )
         else:
             self.tracker = FaceTracker(
-                detector=faces.detector, landmarker=faces.landmarker, smoothing=smoothing
+                detector=faces.face_detector, landmarker=faces.landmarker, smoothing=smoothing
             )
         self.controller = QualityController(mode=quality, target_fps=target_fps)
         self.face_selection: FaceSelection = face_selection
@@ -240,6 +242,7 @@ class RealtimePipeline:
                 face.mesh,
                 scale=job.level.blend_scale,
                 shape_transfer=job.level.shape_transfer,
+                enhance=job.level.enhance,
             )
         job.image = output
         job.swapped_ids = {face.track_id for face in chosen}

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from livefuse.engines.pipeline import DetectorChoice
 from livefuse.engines.types import FaceMesh
 from livefuse.stream.smoothing import OneEuroParams
 from livefuse.stream.tracking import TrackingCounts
@@ -48,9 +49,15 @@ class RemoteTrack:
 
 class TrackerProcess:
     def __init__(
-        self, *, models_dir: Path, smoothing: OneEuroParams | None = None, threads: int = 1
+        self,
+        *,
+        models_dir: Path,
+        smoothing: OneEuroParams | None = None,
+        detector: DetectorChoice = "centerface",
+        threads: int = 1,
     ) -> None:
         self.models_dir = models_dir
+        self.detector = detector
         self.smoothing = smoothing or OneEuroParams()
         self.threads = threads
         self.tracks: list[RemoteTrack] = []
@@ -111,7 +118,7 @@ class TrackerProcess:
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
             target=_child_main,
-            args=(child_end, str(self.models_dir), self.smoothing, self.threads),
+            args=(child_end, str(self.models_dir), self.smoothing, self.detector, self.threads),
             name="livefuse-tracker",
             daemon=True,
         )
@@ -156,7 +163,13 @@ class TrackerProcess:
         return self._frame_memory
 
 
-def _child_main(conn: Connection, models_dir: str, smoothing: OneEuroParams, threads: int) -> None:
+def _child_main(
+    conn: Connection,
+    models_dir: str,
+    smoothing: OneEuroParams,
+    detector: DetectorChoice,
+    threads: int,
+) -> None:
     """The child: load the models once, then answer requests until told to stop."""
     # Imported here: the parent need not pay for them twice, and spawn re-imports anyway.
     from livefuse.engines.pipeline import FacePipeline
@@ -164,7 +177,9 @@ def _child_main(conn: Connection, models_dir: str, smoothing: OneEuroParams, thr
     from livefuse.stream.tracking import FaceTracker
 
     try:
-        faces = FacePipeline.from_store(ModelStore(Path(models_dir)), threads=threads)
+        faces = FacePipeline.from_store(
+            ModelStore(Path(models_dir)), threads=threads, detector=detector
+        )
     except Exception as error:
         conn.send(("error", f"cannot load the models: {error}"))
         return

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from livefuse.engines.detector import CenterFaceDetector
 from livefuse.engines.landmarks import FaceMeshLandmarker, FaceRegion
-from livefuse.engines.pipeline import MIN_FACE_SIZE
+from livefuse.engines.pipeline import MIN_FACE_SIZE, FaceDetector
 from livefuse.engines.types import Detection, FaceMesh
 from livefuse.stream.smoothing import OneEuroFilter, OneEuroParams
 
@@ -75,7 +74,7 @@ class FaceTracker:
     def __init__(
         self,
         *,
-        detector: CenterFaceDetector,
+        detector: FaceDetector,
         landmarker: FaceMeshLandmarker,
         smoothing: OneEuroParams | None = None,
     ) -> None:

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from livefuse.engines import pipeline as pipeline_module
-from livefuse.engines.pipeline import FacePipeline
+from livefuse.engines.pipeline import FacePipeline, StageTimer
 from livefuse.engines.registry import KNOWN_MODELS, MODELS, KnownFile, OwnSource
 from livefuse.engines.scrfd import SCRFDDetector
 from livefuse.engines.store import ModelStore
+from livefuse.stream.realtime import RealtimePipeline
+from livefuse.stream.tracker_process import TrackerProcess
 from livefuse.web.cli import main
 from livefuse.web.model_pull import register
 from tests.own_models import (
@@ -121,4 +123,36 @@ def test_scrfd_is_loaded_when_chosen(home: Path) -> None:
     store = ModelStore(home / "models")
     pipeline = FacePipeline.from_store(store, threads=1, detector="scrfd")
     assert isinstance(pipeline.face_detector, SCRFDDetector)
-    assert pipeline.detector is not pipeline.face_detector  # the tracker keeps CenterFace
+    assert pipeline.detector is not pipeline.face_detector
+
+
+def test_the_realtime_pipeline_runs_the_enhancer_only_at_the_top_level(
+    home: Path, hanks_bgr: np.ndarray, astronaut_bgr: np.ndarray
+) -> None:
+    bring(home, "gfpgan_1.4")
+    faces = FacePipeline.from_store(ModelStore(home / "models"), threads=1, enhancer="gfpgan")
+    source = faces.prepare_source(hanks_bgr).face
+    for quality, enhanced in (("high", True), ("fast", False)):
+        faces.timer = StageTimer()
+        realtime = RealtimePipeline(faces=faces, quality=quality)
+        realtime.source = source
+        for index in range(3):
+            output = realtime.process(astronaut_bgr, timestamp=index / 30)
+            assert output is not None and output.stats.swapped == 1
+        assert ("enhance" in faces.timer.counts) is enhanced, quality
+
+
+def test_the_tracking_child_detects_with_scrfd_when_chosen(
+    home: Path, astronaut_bgr: np.ndarray
+) -> None:
+    bring(home, "det_10g")
+    faces = FacePipeline.from_store(ModelStore(home / "models"), threads=1, detector="scrfd")
+    assert faces.detector_choice == "scrfd"
+    realtime = RealtimePipeline(faces=faces, quality="fast", track_in_child=True)
+    try:
+        assert isinstance(realtime.tracker, TrackerProcess)
+        assert realtime.tracker.detector == "scrfd"  # the child loaded it, or start raised
+        output = realtime.process(astronaut_bgr, timestamp=0.0)
+        assert output is not None and output.stats.error is None
+    finally:
+        realtime.close()
