@@ -21,6 +21,7 @@ import av
 import numpy as np
 from aiohttp import web
 from aiortc import (
+    AudioStreamTrack,
     MediaStreamTrack,
     RTCConfiguration,
     RTCPeerConnection,
@@ -146,6 +147,9 @@ class Peer:
     received: Received
     track: FramesTrack | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    answer: str = ""
+    etag: str = ""
+    audio_frames: int = 0
 
     @property
     def session_id(self) -> str:
@@ -172,7 +176,8 @@ def bearer(token: str | None) -> dict[str, str]:
 
 async def _post_offer(
     http: aiohttp.ClientSession, url: str, pc: RTCPeerConnection, token: str | None
-) -> tuple[str, str]:
+) -> tuple[str, str, str]:
+    """(Location, the answer's SDP, ETag)."""
     await pc.setLocalDescription(await pc.createOffer())
     assert pc.localDescription is not None
     async with http.post(
@@ -184,8 +189,9 @@ async def _post_offer(
         assert response.status == 201, f"{url}: {response.status} {text}"
         assert response.content_type == "application/sdp"
         location = response.headers["Location"]
+        etag = response.headers.get("ETag", "")
     await pc.setRemoteDescription(RTCSessionDescription(sdp=text, type="answer"))
-    return location, text
+    return location, text, etag
 
 
 async def publish(
@@ -197,11 +203,15 @@ async def publish(
     source: str | None = None,
     direction: str = "sendrecv",
     quality: str | None = None,
+    audio: bool = False,
 ) -> Peer:
-    """A WHIP publisher; with sendrecv, what comes back is collected."""
+    """A WHIP publisher; with sendrecv, what comes back is collected. `audio` adds a
+    microphone (aiortc's silent audio track)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     track = FramesTrack(frames)
     pc.addTransceiver(track, direction=direction)
+    if audio:
+        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
     received = Received()
     peer = Peer(pc=pc, location="", received=received, track=track)
 
@@ -212,23 +222,38 @@ async def publish(
 
     params = {"source": source, "quality": quality}
     query = "&".join(f"{k}={v}" for k, v in params.items() if v)
-    peer.location, _ = await _post_offer(http, f"{base}/whip?{query}", pc, token)
+    peer.location, peer.answer, peer.etag = await _post_offer(
+        http, f"{base}/whip?{query}", pc, token
+    )
     return peer
 
 
 async def watch(
     http: aiohttp.ClientSession, base: str, session_id: str, *, token: str | None
 ) -> Peer:
-    """A WHEP viewer of a session."""
+    """A WHEP viewer of a session (video and audio)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
     received = Received()
     peer = Peer(pc=pc, location="", received=received)
+
+    async def count_audio(remote: MediaStreamTrack) -> None:
+        while True:
+            try:
+                await remote.recv()
+            except MediaStreamError:
+                return
+            peer.audio_frames += 1
 
     @pc.on("track")
     def on_track(remote: MediaStreamTrack) -> None:
         if remote.kind == "video":
             peer.tasks.append(asyncio.ensure_future(_collect(remote, received)))
+        else:
+            peer.tasks.append(asyncio.ensure_future(count_audio(remote)))
 
-    peer.location, _ = await _post_offer(http, f"{base}/whep/{session_id}", pc, token)
+    peer.location, peer.answer, peer.etag = await _post_offer(
+        http, f"{base}/whep/{session_id}", pc, token
+    )
     return peer

@@ -14,10 +14,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
-from aioice import Candidate
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
-from aiortc.rtcicetransport import candidate_from_aioice
-from aiortc.sdp import SessionDescription
+from aiortc import MediaStreamTrack, RTCIceCandidate, RTCPeerConnection, RTCSessionDescription
+from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from livefuse.engines.pipeline import FaceSelection
 from livefuse.stream import codecs
@@ -229,7 +227,10 @@ async def trickle(
     if remote is not None:
         parsed = SessionDescription.parse(remote.sdp)
         current_ufrag = next((m.ice.usernameFragment for m in parsed.media if m.ice), None)
+    # Read the whole fragment before applying any of it: a bad line refuses it all.
     mid: str | None = None
+    candidates: list[RTCIceCandidate] = []
+    ended = False
     for raw in fragment.splitlines():
         line = raw.strip()
         if line.startswith("a=ice-ufrag:") and line.split(":", 1)[1] != current_ufrag:
@@ -239,15 +240,22 @@ async def trickle(
         if line.startswith("a=mid:"):
             mid = line.split(":", 1)[1]
         elif line.startswith("a=candidate:"):
+            text = line[len("a=candidate:") :]
             try:
-                candidate = candidate_from_aioice(Candidate.from_sdp(line[len("a=") :]))
+                if len(text.split()) < 8:
+                    raise ValueError("a candidate has at least 8 fields")
+                candidate = candidate_from_sdp(text)
             except (ValueError, IndexError) as error:
                 raise sdp_error(400, "bad_candidate", f"cannot read {line!r}: {error}") from error
             candidate.sdpMid = mid
             candidate.sdpMLineIndex = None if mid is not None else 0
-            await pc.addIceCandidate(candidate)
+            candidates.append(candidate)
         elif line == "a=end-of-candidates":
-            continue
+            ended = True
+    for candidate in candidates:
+        await pc.addIceCandidate(candidate)
+    if ended:
+        await pc.addIceCandidate(None)
     return web.Response(status=204)
 
 

@@ -145,6 +145,14 @@ async def end(http: aiohttp.ClientSession, base: str, peer: Peer) -> None:
     await peer.close()
 
 
+def first_video_codec(sdp: str) -> str:
+    """The codec both ends send with: the first format of the answer's video section."""
+    video = sdp.split("m=video ", 1)[1]
+    first = video.split("\r\n", 1)[0].split()[2]  # port, protocol, then the formats
+    rtpmap = video.split(f"a=rtpmap:{first} ", 1)[1]
+    return rtpmap.split("/", 1)[0]
+
+
 def session_threads(session_id: str) -> list[str]:
     prefix = f"livefuse-{session_id[:8]}"
     return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
@@ -179,6 +187,7 @@ def test_whip_sendrecv_returns_swapped_frames(
             http, server.base, [still_frame], token=TOKEN, source=source_id, quality="high"
         )
         assert peer.location.startswith("/whip/")
+        assert first_video_codec(peer.answer) == "H264"
         state = await wait_swapping(http, server.base, peer.session_id)
         assert state["mode"] == "sendrecv" and state["source"] == source_id
         await peer.wait_frames(30)
@@ -211,7 +220,13 @@ def test_sendonly_publisher_feeds_whep_viewers(
     async def scenario(http: aiohttp.ClientSession) -> None:
         source_id = await upload(http, server.base, t1_people[4])
         publisher = await publish(
-            http, server.base, moving_frames, token=TOKEN, source=source_id, direction="sendonly"
+            http,
+            server.base,
+            moving_frames,
+            token=TOKEN,
+            source=source_id,
+            direction="sendonly",
+            audio=True,
         )
         state = await wait_swapping(http, server.base, publisher.session_id)
         assert state["mode"] == "sendonly"
@@ -220,8 +235,10 @@ def test_sendonly_publisher_feeds_whep_viewers(
         ]
         for viewer in viewers:
             assert viewer.location.startswith(f"/whep/{publisher.session_id}/")
+            assert first_video_codec(viewer.answer) == "H264"
             await viewer.wait_frames(15)
             assert viewer.received.frames[-1].shape == (720, 1280, 3)
+            assert viewer.audio_frames > 0  # the publisher's audio, passed through
         assert publisher.received.count == 0  # sendonly: nothing comes back to it
         state = await session_state(http, server.base, publisher.session_id)
         assert state["viewers"] == 2
@@ -347,6 +364,47 @@ def test_patch_switches_source_and_settings_live(
     run(scenario)
 
 
+def test_trickle_ice_patch(server: LiveServer, still_frame: np.ndarray) -> None:
+    """RFC 9725 4.3: late candidates by PATCH; an ICE restart or a stale ETag is refused."""
+
+    async def scenario(http: aiohttp.ClientSession) -> None:
+        peer = await publish(http, server.base, [still_frame], token=TOKEN)
+        await peer.wait_frames(3)
+        offer = peer.pc.localDescription.sdp
+        ufrag = offer.split("a=ice-ufrag:", 1)[1].split("\r\n", 1)[0]
+        pwd = offer.split("a=ice-pwd:", 1)[1].split("\r\n", 1)[0]
+        url = server.base + peer.location
+
+        def fragment(ufrag: str, candidate: str) -> str:
+            return (
+                f"a=ice-ufrag:{ufrag}\r\na=ice-pwd:{pwd}\r\n"
+                "m=video 9 UDP/TLS/RTP/SAVPF 0\r\na=mid:0\r\n"
+                f"a=candidate:{candidate}\r\na=end-of-candidates\r\n"
+            )
+
+        good = fragment(ufrag, "7 1 udp 2130706431 127.0.0.1 9 typ host")
+        frag_type = {"Content-Type": "application/trickle-ice-sdpfrag", **AUTH}
+        for body, headers, status in (
+            (good, {**frag_type, "If-Match": peer.etag}, 204),
+            (good, {**frag_type, "If-Match": '"not-this-one"'}, 412),
+            (good, {"Content-Type": "application/sdp", **AUTH}, 415),
+            (fragment("another-ufrag", "7 1 udp 1 127.0.0.1 9 typ host"), frag_type, 422),
+            (fragment(ufrag, "7 1 udp"), frag_type, 400),
+        ):
+            async with http.patch(url, data=body, headers=headers) as response:
+                assert response.status == status, (status, await response.text())
+        async with http.patch(
+            f"{server.base}/whip/no-such-session", data=good, headers=frag_type
+        ) as response:
+            assert response.status == 404
+        # The stream runs on.
+        await peer.wait_frames(5)
+        assert peer.pc.connectionState == "connected"
+        await end(http, server.base, peer)
+
+    run(scenario)
+
+
 # -- refusals ---------------------------------------------------------------------------
 
 
@@ -444,6 +502,8 @@ def test_bad_offers_tokens_and_requests_are_refused(
         # Open paths stay open; CORS preflight needs no token.
         async with http.get(f"{base}/healthz") as response:
             assert response.status == 200
+        async with http.get(f"{base}/readyz") as response:
+            assert response.status == 200 and (await response.json())["ready"] is True
         async with http.options(f"{base}/whip") as response:
             assert response.status == 204
             assert "POST" in response.headers["Access-Control-Allow-Methods"]
