@@ -7,6 +7,7 @@ a vanished peer is noticed quickly). Each test leaves no session behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import statistics
 import struct
@@ -242,6 +243,19 @@ def test_sendonly_publisher_feeds_whep_viewers(
         assert publisher.received.count == 0  # sendonly: nothing comes back to it
         state = await session_state(http, server.base, publisher.session_id)
         assert state["viewers"] == 2
+        async with http.get(f"{server.base}/metrics") as response:
+            metrics = await response.text()
+        sid = publisher.session_id
+        for series in (
+            "livefuse_frame_latency_seconds_bucket",
+            "livefuse_frames_out_total",
+            "livefuse_faces_swapped_total",
+            f'livefuse_viewers{{session="{sid}"}} 2.0',
+            f'livefuse_session_fps{{direction="out",session="{sid}"}}',
+            f'livefuse_session_quality{{level="{state["stats"]["quality"]}",session="{sid}"}} 1.0',
+            f'livefuse_session_dropped_frames{{session="{sid}"}}',
+        ):
+            assert series in metrics, series
         # Each frame is processed once for the session, not once per viewer.
         assert state["stats"]["frames_out"] <= state["stats"]["frames_in"]
 
@@ -570,3 +584,29 @@ async def _refused_publish(
         result = (response.status, response.headers.get("Retry-After", ""), await response.text())
     await pc.close()
     return result
+
+
+def test_shutdown_ends_every_session_cleanly(settings: Settings, still_frame: np.ndarray) -> None:
+    """Stopping the server (SIGTERM in `livefuse serve`) closes publishers and viewers
+    and leaves no session thread running."""
+    stack = contextlib.ExitStack()
+    live = stack.enter_context(live_server(settings))
+
+    async def scenario(http: aiohttp.ClientSession) -> None:
+        try:
+            publisher = await publish(http, live.base, [still_frame], token=None)
+            await publisher.wait_frames(3)
+            viewer = await watch(http, live.base, publisher.session_id, token=None)
+            await viewer.wait_frames(3)
+        finally:
+            await asyncio.to_thread(stack.close)
+        assert live.service.sessions == {}
+        assert session_threads(publisher.session_id) == []
+        deadline = time.monotonic() + 15
+        for peer in (publisher, viewer):
+            while peer.pc.connectionState not in ("closed", "failed"):
+                assert time.monotonic() < deadline, peer.pc.connectionState
+                await asyncio.sleep(0.1)
+            await peer.close()
+
+    run(scenario)
