@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -64,6 +64,7 @@ def media(
     boxes, _ = recognizer.detect(t1)
     source = folder / "source.png"
     cv2.imwrite(str(source), portrait(t1, sorted(boxes)[2]))
+    cv2.imwrite(str(folder / "other.png"), portrait(t1, sorted(boxes)[0]))
     # A still clip covers the frame with the picture at its own aspect: a plain resize.
     frame = cv2.resize(astronaut, (1280, 720), interpolation=cv2.INTER_AREA)
     faces, _ = recognizer.detect(frame)
@@ -144,6 +145,15 @@ def test_publisher_page_shows_swapped_video_and_viewer_plays_it(
                 DOCS.mkdir(exist_ok=True)
                 page.screenshot(path=str(SCREENSHOT))
 
+            # Another face, uploaded mid-stream, is worn at once; the first is a click away.
+            live = server.service.sessions[session_id]
+            first = live.source.id if live.source else None
+            page.set_input_files("#source-file", str(source.parent / "other.png"))
+            _wait_for(lambda: live.source is not None and live.source.id != first, "new face")
+            page.click(f"#sources .pick[data-source='{first}']")
+            _wait_for(lambda: live.source is not None and live.source.id == first, "first face")
+            assert live.pc.connectionState == "connected"
+
             # A viewer (what an OBS Browser Source loads) plays the same session.
             viewer = context.new_page()
             viewer.goto(f"{server.base}/watch/{session_id}")
@@ -166,6 +176,13 @@ def test_publisher_page_shows_swapped_video_and_viewer_plays_it(
             _wait_gone(server, session_id)
         finally:
             browser.close()
+
+
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 15
+    while not condition():
+        assert time.monotonic() < deadline, f"the page never switched to the {what}"
+        time.sleep(0.1)
 
 
 def _wait_gone(server: LiveServer, session_id: str) -> None:

@@ -47,17 +47,37 @@
     try {
       const response = await LiveFuse.api("POST", "/api/v1/sources", file, file.type || "application/octet-stream");
       const source = await response.json();
-      state.source = source.id;
-      $("source-preview").src = URL.createObjectURL(file);
-      $("source-preview").hidden = false;
       const extra = source.faces.length > 1 ? ` (${source.faces.length} faces; using the largest)` : "";
+      addPick(source.id, URL.createObjectURL(file), file.name);
+      await choose(source.id);
       $("source-state").textContent = "face ready" + extra;
-      if (state.session) await patch({ source: state.source });
     } catch (error) {
       $("source-state").textContent = "";
       say(problem(error));
     }
   });
+
+  // Faces uploaded on this page stay one click away: picking one switches it live.
+  function addPick(id, url, name) {
+    const pick = document.createElement("button");
+    pick.className = "pick";
+    pick.dataset.source = id;
+    pick.title = "wear " + name;
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = name;
+    pick.append(img);
+    pick.addEventListener("click", () => choose(id));
+    $("sources").append(pick);
+  }
+
+  async function choose(id) {
+    state.source = id;
+    for (const pick of document.querySelectorAll("#sources .pick")) {
+      pick.classList.toggle("chosen", pick.dataset.source === id);
+    }
+    if (state.session) await patch({ source: id });
+  }
 
   // -- live settings (no renegotiation: PATCH the session) --------------------------------
 
