@@ -265,5 +265,10 @@ class StreamSession:
         self.output.close()
         for track in self._outputs:
             track.stop()
-        # Joining the workers may wait for a frame in flight: not on the loop.
-        await asyncio.to_thread(self.scheduler.close)
+        # Joining the workers may wait for a frame in flight, and a tracking child process
+        # takes a moment to stop: not on the loop.
+        await asyncio.to_thread(self._stop_workers)
+
+    def _stop_workers(self) -> None:
+        self.scheduler.close()
+        self.pipeline.close()

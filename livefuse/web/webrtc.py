@@ -137,14 +137,22 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
         raise sdp_error(400, "bad_direction", f"a WHIP offer must send video (it is {direction})")
 
     service.reserve_session()
+    try:
+        # With tracking in a child process, building the pipeline waits for that
+        # process to load its models: not on the loop.
+        pipeline = await asyncio.to_thread(
+            RealtimePipeline,
+            faces=faces,
+            quality=quality,
+            face_selection=cast(FaceSelection, face_selection),
+            track_in_child=settings.track_in_child,
+        )
+    except BaseException:
+        service.release_reservation()
+        raise
+    pipeline.source = source.face if source else None
     pc = service.new_peer_connection()
     session_id = service.new_id()
-    pipeline = RealtimePipeline(
-        faces=faces,
-        quality=quality,
-        face_selection=cast(FaceSelection, face_selection),
-    )
-    pipeline.source = source.face if source else None
     stream = service.new_stream(session_id, pipeline)
     try:
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import multiprocessing
 import statistics
 import struct
 import threading
@@ -588,9 +589,10 @@ async def _refused_publish(
 
 def test_shutdown_ends_every_session_cleanly(settings: Settings, still_frame: np.ndarray) -> None:
     """Stopping the server (SIGTERM in `livefuse serve`) closes publishers and viewers
-    and leaves no session thread running."""
+    and leaves no session thread or tracking process running. This server tracks in
+    child processes (LIVEFUSE_TRACK_IN_CHILD)."""
     stack = contextlib.ExitStack()
-    live = stack.enter_context(live_server(settings))
+    live = stack.enter_context(live_server(settings.model_copy(update={"track_in_child": True})))
 
     async def scenario(http: aiohttp.ClientSession) -> None:
         try:
@@ -598,10 +600,13 @@ def test_shutdown_ends_every_session_cleanly(settings: Settings, still_frame: np
             await publisher.wait_frames(3)
             viewer = await watch(http, live.base, publisher.session_id, token=None)
             await viewer.wait_frames(3)
+            children = [p.name for p in multiprocessing.active_children()]
+            assert children == ["livefuse-tracker"], children
         finally:
             await asyncio.to_thread(stack.close)
         assert live.service.sessions == {}
         assert session_threads(publisher.session_id) == []
+        assert [p.name for p in multiprocessing.active_children()] == []
         deadline = time.monotonic() + 15
         for peer in (publisher, viewer):
             while peer.pc.connectionState not in ("closed", "failed"):
