@@ -63,6 +63,17 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.Response(
             status=error.status, text=text, content_type=content_type, headers=headers
         )
+    except Exception as error:
+        # A bug, not a bad request: the traceback goes to the log, the client gets the
+        # contract's error shape, and the service keeps running.
+        log.exception("%s %s failed", request.method, request.path)
+        if not request.path.startswith(("/api/", *_SDP_PATHS)):
+            raise
+        shaped = (sdp_error if _is_sdp_path(request.path) else json_error)(
+            500, "internal", f"the server failed on this request ({type(error).__name__})"
+        )
+        content_type, text = shaped.body()
+        return web.Response(status=500, text=text, content_type=content_type)
 
 
 @web.middleware
