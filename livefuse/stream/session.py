@@ -173,7 +173,7 @@ class StreamSession:
             await asyncio.sleep(min(1.0, self._idle_timeout_s / 4))
             if time.monotonic() - self.last_input > self._idle_timeout_s:
                 log.info(
-                    "session %s: no video for %.1f s, ending it", self.id, self._idle_timeout_s
+                    "event=publisher_silent session=%s seconds=%.1f", self.id, self._idle_timeout_s
                 )
                 if self._on_idle is not None:
                     self._on_idle(self)

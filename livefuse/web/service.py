@@ -101,10 +101,10 @@ class Service:
             self.face_pipeline = await asyncio.to_thread(self._load_and_warm)
         except ModelError as error:
             self.problem = str(error)
-            log.error("models unavailable: %s", error)
+            log.error("event=models_unavailable problem=%r", str(error))
             return
         self.ready, self.problem = True, None
-        log.info("models loaded and warm")
+        log.info("event=models_ready")
 
     def _load_and_warm(self) -> FacePipeline:
         pipeline = self.face_pipeline or FacePipeline.from_store(
@@ -199,7 +199,18 @@ class Service:
         session = self.sessions.pop(session_id, None)
         if session is None:
             return False
-        log.info("session %s ends (%s)", session_id, reason)
+        stats = session.stream.stats()
+        log.info(
+            "event=session_end session=%s reason=%r frames_in=%d frames_out=%d dropped=%d "
+            "errors=%d viewers=%d",
+            session_id,
+            reason,
+            stats.frames_in,
+            stats.frames_out,
+            stats.dropped,
+            sum(stats.errors.values()),
+            session.viewer_count,
+        )
         await session.stream.close()
         await asyncio.gather(
             *(close_peer(pc) for pc in session.viewers.values()), close_peer(session.pc)
@@ -212,6 +223,7 @@ class Service:
         pc = session.viewers.pop(viewer_id, None) if session else None
         if pc is None:
             return False
+        log.info("event=viewer_end session=%s viewer=%s", session_id, viewer_id)
         await close_peer(pc)
         return True
 

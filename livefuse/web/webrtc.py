@@ -188,7 +188,13 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
             service.schedule_end(session_id, reason=f"publisher connection {pc.connectionState}")
 
     location = f"/whip/{session_id}"
-    log.info("session %s starts (%s, source %s)", session_id, session.mode, source and source.id)
+    log.info(
+        "event=session_start session=%s mode=%s source=%s quality=%s",
+        session_id,
+        session.mode,
+        source.id if source else "none",
+        quality,
+    )
     return web.Response(
         status=201,
         text=answer_sdp,
@@ -306,6 +312,7 @@ async def whep_post(request: web.Request, service: Service) -> web.Response:
         await close_peer(pc)
         raise sdp_error(404, "unknown_session", f"no live session {session_id!r}")
     session.viewers[viewer_id] = pc
+    log.info("event=viewer_start session=%s viewer=%s", session_id, viewer_id)
 
     @pc.on("connectionstatechange")
     def on_state() -> None:
