@@ -163,6 +163,7 @@ async def _create_source(request: web.Request) -> web.Response:
         request,
         pipeline=service.face_pipeline,
         store=service.sources,
+        preparer=service.preparer,
         max_bytes=service.settings.max_image_bytes,
         max_pixels=service.settings.max_image_pixels,
     )

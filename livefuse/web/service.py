@@ -27,7 +27,7 @@ from livefuse.stream.realtime import RealtimePipeline
 from livefuse.stream.session import SessionStats, StreamSession
 from livefuse.web.errors import sdp_error
 from livefuse.web.metrics import Metrics
-from livefuse.web.sources import Source, SourceStore
+from livefuse.web.sources import Source, SourcePreparer, SourceStore
 
 log = logging.getLogger("livefuse.service")
 
@@ -78,6 +78,7 @@ class Service:
         self.ready = False
         self.problem: str | None = "the models are loading"
         self.sources = SourceStore(limit=settings.max_sources)
+        self.preparer = SourcePreparer()
         self.sessions: dict[str, LiveSession] = {}
         self.metrics = Metrics(
             sessions=lambda: list(self.sessions.values()), ready=lambda: self.ready
@@ -128,6 +129,7 @@ class Service:
             *self._background,
             return_exceptions=True,
         )
+        self.preparer.close()
 
     # -- sessions -----------------------------------------------------------------------
 

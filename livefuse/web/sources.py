@@ -9,9 +9,11 @@ prepared by the face pipeline on a worker thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +63,45 @@ class SourceStore:
 
     def __len__(self) -> int:
         return len(self._sources)
+
+
+class SourcePreparer:
+    """Prepares uploads one at a time on a thread of its own, with a short queue.
+
+    Not the loop's default executor: aiortc encodes every outgoing frame there, and a
+    burst of uploads queued in front of the encoder would stall live video. Past
+    `max_waiting` uploads waiting, the next is refused (503) rather than held in memory.
+    """
+
+    def __init__(self, *, max_waiting: int = 4) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livefuse-source")
+        self._max_waiting = max_waiting
+        self._pending = 0
+
+    async def prepare(
+        self, pipeline: FacePipeline, data: bytes, *, max_bytes: int, max_pixels: int
+    ) -> Source:
+        if self._pending >= self._max_waiting + 1:
+            raise json_error(
+                503,
+                "busy",
+                "the server is preparing other faces; try again in a few seconds",
+                headers={"Retry-After": "3"},
+            )
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._executor,
+                functools.partial(
+                    prepare, pipeline, data, max_bytes=max_bytes, max_pixels=max_pixels
+                ),
+            )
+        finally:
+            self._pending -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def prepare(pipeline: FacePipeline, data: bytes, *, max_bytes: int, max_pixels: int) -> Source:
@@ -132,14 +173,13 @@ async def create_source(
     *,
     pipeline: FacePipeline,
     store: SourceStore,
+    preparer: SourcePreparer,
     max_bytes: int,
     max_pixels: int,
 ) -> web.Response:
     data = await read_upload(request, max_bytes=max_bytes)
     try:
-        source = await asyncio.to_thread(
-            prepare, pipeline, data, max_bytes=max_bytes, max_pixels=max_pixels
-        )
+        source = await preparer.prepare(pipeline, data, max_bytes=max_bytes, max_pixels=max_pixels)
     except ImageTooLargeError as error:
         raise json_error(413, "too_large", str(error)) from error
     except NotAnImageError as error:
