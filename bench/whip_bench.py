@@ -181,6 +181,7 @@ async def publish(
     source: bytes | None,
     frames_dir: Path | None,
     warmup: float,
+    quality: str | None = None,
 ) -> dict[str, Any]:
     frames, width, height, fps = clip
     async with aiohttp.ClientSession() as http:
@@ -195,6 +196,8 @@ async def publish(
                 if response.status != 201:
                     raise SystemExit(f"source upload failed: {response.status} {body}")
                 query = f"?source={body['id']}"
+                if quality:
+                    query += f"&quality={quality}"
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         track = ClipTrack(frames, width, height, fps)
         pc.addTransceiver(track, direction="sendrecv")
@@ -399,6 +402,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds not counted")
     parser.add_argument("--loop-frames", type=int, default=150)
+    parser.add_argument("--quality", help="livefuse's quality mode (default: its own, auto)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--frames-dir", type=Path)
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
@@ -439,6 +443,7 @@ def main() -> int:
         args,
         source=args.source.read_bytes(),
         frames_dir=args.frames_dir,
+        quality=args.quality,
     )
     result = {
         "machine": {
