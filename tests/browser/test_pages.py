@@ -190,3 +190,56 @@ def _wait_gone(server: LiveServer, session_id: str) -> None:
     while session_id in server.service.sessions:
         assert time.monotonic() < deadline, "Stop did not end the session"
         time.sleep(0.1)
+
+
+def test_publisher_page_asks_for_the_token_in_words(
+    settings: Settings, media: tuple[Path, Path, list[int]]
+) -> None:
+    """A server with a token: the page says it needs one, takes it, and then works."""
+    from playwright.sync_api import sync_playwright
+
+    clip, source, _ = media
+    token = "browser-token-51"
+    with (
+        live_server(settings.model_copy(update={"token": token})) as live,
+        sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(),
+            args=[
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-video-capture={clip}",
+                "--no-sandbox",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(live.base + "/")
+            page.set_input_files("#source-file", str(source))
+            page.wait_for_selector("#token-row:not([hidden])", timeout=15_000)
+            assert "needs an access token" in (page.text_content("#message") or "")
+            page.fill("#token", "not-it")
+            page.click("#token-save")
+            page.set_input_files("#source-file", [])
+            page.set_input_files("#source-file", str(source))
+            page.wait_for_function(
+                "document.getElementById('message').textContent.includes('token is wrong')",
+                timeout=15_000,
+            )
+            page.fill("#token", token)
+            page.click("#token-save")
+            page.set_input_files("#source-file", [])
+            page.set_input_files("#source-file", str(source))
+            page.wait_for_function(
+                "document.getElementById('source-state').textContent.startsWith('face ready')",
+                timeout=30_000,
+            )
+            page.click("#start")
+            page.wait_for_function(
+                "Number(document.getElementById('stats').dataset.swapped || 0) >= 1",
+                timeout=60_000,
+            )
+            page.click("#stop")
+        finally:
+            browser.close()
