@@ -177,7 +177,9 @@ class StreamSession:
                 )
                 if self._on_idle is not None:
                     self._on_idle(self)
-                return
+                # Ending the session cancels this task; until then (or if the session
+                # was not registered yet), keep watching.
+                self.last_input = time.monotonic()
 
     # -- outputs ------------------------------------------------------------------------
 

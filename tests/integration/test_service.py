@@ -49,6 +49,7 @@ def server(settings: Settings) -> Iterator[LiveServer]:
         update={
             "token": TOKEN,
             "max_sessions": 2,
+            "max_viewers": 2,
             "idle_timeout_s": 2.0,
             "max_image_bytes": 2_000_000,
             "max_image_pixels": 20_000_000,
@@ -242,6 +243,13 @@ def test_sendonly_publisher_feeds_whep_viewers(
             assert viewer.received.frames[-1].shape == (720, 1280, 3)
             assert viewer.audio_frames > 0  # the publisher's audio, passed through
         assert publisher.received.count == 0  # sendonly: nothing comes back to it
+        async with http.post(
+            f"{server.base}/whep/{publisher.session_id}",
+            data=viewers[0].pc.localDescription.sdp,
+            headers={"Content-Type": "application/sdp", **AUTH},
+        ) as response:  # a third viewer: over max_viewers
+            assert response.status == 503 and int(response.headers["Retry-After"]) > 0
+            assert "limit of 2 viewers" in await response.text()
         state = await session_state(http, server.base, publisher.session_id)
         assert state["viewers"] == 2
         async with http.get(f"{server.base}/metrics") as response:
