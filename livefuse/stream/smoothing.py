@@ -27,6 +27,11 @@ class OneEuroParams:
     """Cutoff (Hz) for the speed estimate itself."""
 
 
+# Mean displacement, in face sizes, beyond which a new fit is a jump rather than motion: a
+# fast head turn moves about 0.1 face sizes between frames at 30 fps.
+_JUMP_FACE_SIZES = 0.3
+
+
 def _smoothing_factor(cutoff_hz: float, elapsed_s: float) -> float:
     time_constant = 1.0 / (2.0 * math.pi * cutoff_hz)
     return 1.0 / (1.0 + time_constant / elapsed_s)
@@ -56,6 +61,14 @@ class OneEuroFilter:
             elapsed = 1.0 / 30.0
         self._time = timestamp
         params = self.params
+        # A jump no head makes in one frame (a cut, a looped clip, a camera switch): start
+        # over from the new position rather than glide there over several frames.
+        jump = np.linalg.norm(points[:, :2] - self._value[:, :2], axis=1).mean()
+        if float(jump) > _JUMP_FACE_SIZES * max(scale, 1.0):
+            self._value = points.astype(np.float32, copy=True)
+            self._velocity = None
+            self._speed = 0.0
+            return self._value
         # Each point's velocity is low-passed before its magnitude is taken (as One Euro
         # filters the derivative): sensor noise then cancels out instead of adding up to
         # a speed that would open the filter on a face that is holding still.

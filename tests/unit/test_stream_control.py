@@ -79,3 +79,15 @@ def test_a_pinned_level_holds_whatever_the_frame_times() -> None:
     assert controller.level.name == "fast"
     with pytest.raises(ValueError, match="quality must be one of"):
         controller.set_mode("ultra")  # type: ignore[arg-type]
+
+
+def test_one_euro_snaps_to_a_jump_instead_of_gliding() -> None:
+    filter_ = OneEuroFilter()
+    still = np.zeros((468, 3), dtype=np.float32)
+    for index in range(10):
+        filter_(still, index / FPS, FACE_SIZE)
+    jumped = still + np.array([2 * FACE_SIZE, 0, 0], dtype=np.float32)  # a cut in the video
+    np.testing.assert_allclose(filter_(jumped, 10 / FPS, FACE_SIZE), jumped)
+    # And it smooths again from there.
+    wobble = jumped + np.array([1.0, 0, 0], dtype=np.float32)
+    assert float(filter_(wobble, 11 / FPS, FACE_SIZE)[0, 0]) < float(wobble[0, 0])
