@@ -205,13 +205,12 @@ class RealtimePipeline:
         if not self.enabled or self.source is None:
             return job
         started = time.perf_counter()
-        refit = job.index % level.landmark_interval == 0
         self.tracker.update(
             image,
             job.timestamp,
             detect_size=level.detect_size,
             detect_interval=level.detect_interval,
-            refit=refit,
+            landmark_interval=level.landmark_interval,
         )
         job.faces = [
             TrackedFace(

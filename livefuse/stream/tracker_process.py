@@ -76,7 +76,7 @@ class TrackerProcess:
         *,
         detect_size: int,
         detect_interval: int,
-        refit: bool = True,
+        landmark_interval: int = 1,
     ) -> TrackingCounts:
         if self._conn is None:
             self._start()
@@ -86,7 +86,7 @@ class TrackerProcess:
         shared[...] = frame_bgr
         del shared  # no view may outlive the buffer when it is replaced or closed
         request = ("update", memory.name, frame_bgr.shape, timestamp, detect_size, detect_interval)
-        reply = self._ask((*request, refit))
+        reply = self._ask((*request, landmark_interval))
         tracks, counts = reply
         self.tracks = [
             RemoteTrack(id=track_id, raw=FaceMesh(points=raw, presence=presence), smoothed=smooth)
@@ -209,7 +209,7 @@ def _handle(message: tuple[Any, ...], tracker: Any, attached: dict[str, SharedMe
     if kind == "reset":
         tracker.reset()
         return None
-    _, name, shape, timestamp, detect_size, detect_interval, refit = message
+    _, name, shape, timestamp, detect_size, detect_interval, landmark_interval = message
     if name not in attached:
         for old in attached.values():
             old.close()
@@ -223,7 +223,7 @@ def _handle(message: tuple[Any, ...], tracker: Any, attached: dict[str, SharedMe
         timestamp,
         detect_size=detect_size,
         detect_interval=detect_interval,
-        refit=refit,
+        landmark_interval=landmark_interval,
     )
     del frame
     tracks = [

@@ -84,6 +84,7 @@ class FaceTracker:
         self.tracks: list[Track] = []
         self._ids = itertools.count(1)
         self._frames_since_detection = 0
+        self._frame = 0
         self._want_detection = True
 
     def reset(self) -> None:
@@ -97,13 +98,17 @@ class FaceTracker:
         *,
         detect_size: int,
         detect_interval: int,
-        refit: bool = True,
+        landmark_interval: int = 1,
     ) -> TrackingCounts:
-        """Follow the faces into this frame; `refit=False` reuses the last fits as they are.
+        """Follow the faces into this frame.
 
-        The detector runs when `detect_interval` frames have passed, when there is no
-        track, or when a track was lost on the previous frame.
+        Each track's landmarks are refitted every `landmark_interval` frames and reused
+        as they are in between; the tracks take turns (by id), so each frame refits about
+        1/interval of the faces instead of every face at once on one frame in N, which
+        would make that frame late. The detector runs when `detect_interval` frames have
+        passed, when there is no track, or when a track was lost on the previous frame.
         """
+        self._frame += 1
         self._frames_since_detection += 1
         detect = (
             self._want_detection
@@ -123,9 +128,9 @@ class FaceTracker:
         # Existing tracks follow their last mesh; new faces start from the detection and
         # get a second fit from their own first estimate, since the detector's box frames
         # a face less tightly than a mesh does.
-        tracked_regions = (
-            [FaceRegion.from_points(t.raw.points) for t in self.tracks] if refit else []
-        )
+        interval = max(1, landmark_interval)
+        refitted = [t for t in self.tracks if (self._frame + t.id) % interval == 0]
+        tracked_regions = [FaceRegion.from_points(t.raw.points) for t in refitted]
         new_regions = [FaceRegion.from_detection(d) for d in unmatched]
         regions = tracked_regions + new_regions
         meshes = self.landmarker.landmarks(frame_bgr, regions) if regions else []
@@ -137,18 +142,15 @@ class FaceTracker:
             if first_fits
             else []
         )
-        kept: list[Track] = []
+        kept = [t for t in self.tracks if all(t is not r for r in refitted)]
         lost = 0
-        if refit:
-            for track, mesh in zip(self.tracks, tracked_meshes, strict=True):
-                if self._usable(mesh):
-                    track.raw = mesh
-                    track.smoothed = track.filter(mesh.points, timestamp, mesh.size)
-                    kept.append(track)
-                else:
-                    lost += 1
-        else:
-            kept = list(self.tracks)
+        for track, mesh in zip(refitted, tracked_meshes, strict=True):
+            if self._usable(mesh):
+                track.raw = mesh
+                track.smoothed = track.filter(mesh.points, timestamp, mesh.size)
+                kept.append(track)
+            else:
+                lost += 1
         new_tracks = [self._new_track(m, timestamp) for m in new_meshes if self._usable(m)]
         self.tracks = self._merged(kept + new_tracks)
         for track in self.tracks:

@@ -111,6 +111,22 @@ def test_faces_crossing_keep_the_front_face_and_both_are_tracked_after(
     assert all(ids == front_ids[2] for ids in front_ids[2:]) and len(front_ids[2]) == 1, front_ids
 
 
+def test_faces_take_turns_for_their_landmark_refits(
+    faces: FacePipeline, astronaut_head: np.ndarray, second_head: np.ndarray
+) -> None:
+    tracker = FaceTracker(detector=faces.detector, landmarker=faces.landmarker)
+    frame = scene((astronaut_head, 60), (second_head, 400))
+    fits = []
+    for index in range(12):
+        counts = tracker.update(
+            frame, index / FPS, detect_size=480, detect_interval=100, landmark_interval=2
+        )
+        fits.append(counts.landmark_fits)
+    assert len(tracker.tracks) == 2
+    # Once both are tracked, one face is refitted per frame, never both on one frame.
+    assert fits[2:] == [1] * 10, fits
+
+
 def test_the_tracker_process_matches_the_tracker_and_survives_its_child_dying(
     faces: FacePipeline, astronaut_head: np.ndarray, settings: Settings
 ) -> None:
