@@ -78,7 +78,7 @@ LADDER: tuple[QualityLevel, ...] = (
         detect_size=320,
         detect_interval=20,
         landmark_interval=3,
-        blend_scale=0.5,
+        blend_scale=0.4,
         shape_transfer=False,
         max_faces=4,
         output_scale=1.0,
@@ -86,6 +86,7 @@ LADDER: tuple[QualityLevel, ...] = (
     ),
 )
 LEVELS_BY_NAME = {level.name: level for level in LADDER}
+_AUTO_START = "fast"
 
 
 class QualityController:
@@ -105,6 +106,7 @@ class QualityController:
         self._recent: deque[float] = deque(maxlen=self._DOWN_WINDOW)
         self._quiet_frames = 0
         self._index = 0
+        self._started = False
         self.mode: QualityMode = "auto"
         self.set_mode(mode)
 
@@ -118,11 +120,16 @@ class QualityController:
         self.mode = mode
         if mode != "auto":
             self._index = LADDER.index(LEVELS_BY_NAME[mode])
+        elif not self._started:
+            # A stream starts in the middle and climbs: starting at the top and stepping
+            # down makes its first frames queue up behind each other (a visible stall).
+            self._index = LADDER.index(LEVELS_BY_NAME[_AUTO_START])
         self._recent.clear()
         self._quiet_frames = 0
 
     def record(self, frame_ms: float, *, dropped: int = 0) -> None:
         """Feed one frame's processing time and how many inputs were dropped meanwhile."""
+        self._started = True
         if self.mode != "auto":
             return
         self._recent.append(frame_ms)

@@ -28,11 +28,13 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from livefuse.engines.identity import IdentityFace
 from livefuse.engines.pipeline import FacePipeline, FaceSelection, require_bgr8
 from livefuse.engines.swapper import SourceFace
 from livefuse.engines.types import FaceMesh
 from livefuse.stream.quality import QualityController, QualityLevel, QualityMode
 from livefuse.stream.smoothing import OneEuroParams
+from livefuse.stream.swap_process import SwapProcess
 from livefuse.stream.tracker_process import TrackerProcess
 from livefuse.stream.tracking import FaceTracker
 
@@ -122,15 +124,19 @@ class RealtimePipeline:
         target_fps: float = 30.0,
         smoothing: OneEuroParams | None = None,
         track_in_child: bool = False,
+        swap_in_child: bool = False,
     ) -> None:
         """`track_in_child=True` runs the tracking in a child process (stream/
-        tracker_process.py), so that it and the swap each get a core; for pipelines driven
-        by a scheduler. Call `close()` when done with such a pipeline."""
+        tracker_process.py), so that it and the swap each get a core; `swap_in_child=True`
+        has a second child swap part of each frame's faces (stream/swap_process.py).
+        Both are for pipelines driven by a scheduler; call `close()` when done."""
         self.face_pipeline = faces
+        if (track_in_child or swap_in_child) and faces.models_dir is None:
+            raise ValueError("child processes need a FacePipeline made by from_store")
+        self.swap_helper: SwapProcess | None = None
         self.tracker: FaceTracker | TrackerProcess
         if track_in_child:
-            if faces.models_dir is None:
-                raise ValueError("track_in_child needs a FacePipeline made by from_store")
+            assert faces.models_dir is not None
             self.tracker = TrackerProcess(
                 models_dir=faces.models_dir, smoothing=smoothing, detector=faces.detector_choice
             )
@@ -138,6 +144,9 @@ class RealtimePipeline:
             self.tracker = FaceTracker(
                 detector=faces.face_detector, landmarker=faces.landmarker, smoothing=smoothing
             )
+        if swap_in_child:
+            assert faces.models_dir is not None
+            self.swap_helper = SwapProcess(models_dir=faces.models_dir)
         self.controller = QualityController(mode=quality, target_fps=target_fps)
         self.face_selection: FaceSelection = face_selection
         self.source: SourceFace | None = None
@@ -159,9 +168,11 @@ class RealtimePipeline:
             self.frames_out = 0
 
     def close(self) -> None:
-        """Stop the tracking child process, if there is one. Safe to call twice."""
+        """Stop the child processes, if there are any. Safe to call twice."""
         if isinstance(self.tracker, TrackerProcess):
             self.tracker.close()
+        if self.swap_helper is not None:
+            self.swap_helper.close()
 
     # -- settings a user may change while streaming -------------------------------------
 
@@ -231,22 +242,86 @@ class RealtimePipeline:
         if not self.enabled or source is None or not chosen:
             return job
         started = time.perf_counter()
-        # The input array may be shared with the caller (a decoded frame, a bench clip):
-        # draw on a copy.
-        output = job.image.copy()
-        for face in chosen:
-            self.face_pipeline.swap_face_in_place(
-                output,
+        level = job.level
+        shares = self._split_for_helper(chosen, source)
+        if shares is None:
+            # The input array may be shared with the caller (a decoded frame, a bench
+            # clip): draw on a copy.
+            output = job.image.copy()
+            self._swap_faces(output, source, chosen, level)
+        else:
+            mine, theirs = shares
+            assert self.swap_helper is not None
+            shared = self.swap_helper.frame_buffer(job.image.shape)
+            shared[...] = job.image
+            self.swap_helper.begin(
                 source,
-                face.mesh,
-                scale=job.level.blend_scale,
-                shape_transfer=job.level.shape_transfer,
-                enhance=job.level.enhance,
+                [face.mesh for face in theirs],
+                shape=job.image.shape,
+                scale=level.blend_scale,
+                shape_transfer=level.shape_transfer,
             )
+            try:
+                self._swap_faces(shared, source, mine, level)
+            finally:
+                # Never touch the buffer again while the child may still be writing it.
+                waited = time.perf_counter()
+                self.swap_helper.finish()
+                job.stages_ms["swap_wait"] = _ms_since(waited)
+            output = shared.copy()
         job.image = output
         job.swapped_ids = {face.track_id for face in chosen}
         job.stages_ms["swap"] = _ms_since(started)
         return job
+
+    def _swap_faces(
+        self,
+        frame: np.ndarray,
+        source: SourceFace,
+        faces: list[TrackedFace],
+        level: QualityLevel,
+    ) -> None:
+        for face in faces:
+            self.face_pipeline.swap_face_in_place(
+                frame,
+                source,
+                face.mesh,
+                scale=level.blend_scale,
+                shape_transfer=level.shape_transfer,
+                enhance=level.enhance,
+            )
+
+    def _split_for_helper(
+        self, chosen: list[TrackedFace], source: SourceFace
+    ) -> tuple[list[TrackedFace], list[TrackedFace]] | None:
+        """This process's faces and the helper's, or None to swap them all here.
+
+        Faces are split only for the mesh swapper alone (inswapper, the enhancer and the
+        occlusion parser reach beyond the face's surroundings), and only as whole groups
+        of faces whose regions do not touch, balanced by face area.
+        """
+        pipeline = self.face_pipeline
+        if (
+            self.swap_helper is None
+            or len(chosen) < 2
+            or isinstance(source, IdentityFace)
+            or pipeline.enhancer is not None
+            or pipeline.parser is not None
+        ):
+            return None
+        groups = apart_groups(chosen)
+        if len(groups) < 2:
+            return None
+        mine: list[TrackedFace] = []
+        theirs: list[TrackedFace] = []
+        load = [0.0, 0.0]
+        for group in sorted(groups, key=lambda g: -sum(f.mesh.size**2 for f in g)):
+            # The helper takes the first (largest) group: this process also copies the
+            # frame in and out.
+            side = 1 if load[1] <= load[0] else 0
+            (mine if side == 0 else theirs).extend(group)
+            load[side] += sum(f.mesh.size**2 for f in group)
+        return mine, theirs
 
     def _chosen_faces(self, faces: list[TrackedFace], level: QualityLevel) -> list[TrackedFace]:
         by_size = sorted(faces, key=lambda face: -face.mesh.size)
@@ -314,6 +389,36 @@ class RealtimePipeline:
             except Exception as error:  # the frame goes on unswapped; counted by stage
                 return self.passthrough(job, name, error)
         return self.finish(job)
+
+
+# How far past its landmarks' box a mesh swap reads and writes, in face sizes: the reshape
+# ring reaches 0.35 of the oval's radius beyond it, the blend box 0.08 of the size.
+_SWAP_REACH = 0.25
+
+
+def apart_groups(faces: list[TrackedFace]) -> list[list[TrackedFace]]:
+    """Faces grouped so that no two groups' swap regions overlap (order kept in a group)."""
+    boxes = []
+    for face in faces:
+        x1, y1, x2, y2 = face.mesh.box
+        reach = face.mesh.size * _SWAP_REACH
+        boxes.append((x1 - reach, y1 - reach, x2 + reach, y2 + reach))
+    group_of = list(range(len(faces)))
+
+    def root(index: int) -> int:
+        while group_of[index] != index:
+            index = group_of[index]
+        return index
+
+    for i, a in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            b = boxes[j]
+            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                group_of[root(j)] = root(i)
+    groups: dict[int, list[TrackedFace]] = {}
+    for index, face in enumerate(faces):
+        groups.setdefault(root(index), []).append(face)
+    return list(groups.values())
 
 
 def _ms_since(started: float) -> float:

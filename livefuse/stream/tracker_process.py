@@ -55,9 +55,11 @@ class TrackerProcess:
         smoothing: OneEuroParams | None = None,
         detector: DetectorChoice = "centerface",
         threads: int = 1,
+        detect_in_background: bool = True,
     ) -> None:
         self.models_dir = models_dir
         self.detector = detector
+        self.detect_in_background = detect_in_background
         self.smoothing = smoothing or OneEuroParams()
         self.threads = threads
         self.tracks: list[RemoteTrack] = []
@@ -118,7 +120,14 @@ class TrackerProcess:
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
             target=_child_main,
-            args=(child_end, str(self.models_dir), self.smoothing, self.detector, self.threads),
+            args=(
+                child_end,
+                str(self.models_dir),
+                self.smoothing,
+                self.detector,
+                self.threads,
+                self.detect_in_background,
+            ),
             name="livefuse-tracker",
             daemon=True,
         )
@@ -169,6 +178,7 @@ def _child_main(
     smoothing: OneEuroParams,
     detector: DetectorChoice,
     threads: int,
+    detect_in_background: bool,
 ) -> None:
     """The child: load the models once, then answer requests until told to stop."""
     # Imported here: the parent need not pay for them twice, and spawn re-imports anyway.

@@ -11,8 +11,10 @@ and two tracks that converge on one face are merged (the older id survives).
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from livefuse.engines.landmarks import FaceMeshLandmarker, FaceRegion
@@ -23,8 +25,22 @@ from livefuse.stream.smoothing import OneEuroFilter, OneEuroParams
 # A detection belongs to a track when their boxes overlap at least this much (IoU).
 # CenterFace's box runs from hairline to chin and the mesh's does not, so the bar is low.
 _MATCH_IOU = 0.3
+# New faces started per frame (each costs two landmark fits); detections are best first.
+_NEW_TRACKS_PER_FRAME = 2
+# Frames during which a detection the landmark model rejected is not tried again.
+_REJECT_FRAMES = 30
 # Two tracks whose meshes overlap this much have converged on the same face.
 _MERGE_IOU = 0.6
+
+
+def _reduced(frame_bgr: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """The frame scaled so its longer side is at most `max_side`, and the factor back."""
+    height, width = frame_bgr.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    if scale == 1.0:
+        return frame_bgr.copy(), 1.0
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(frame_bgr, size, interpolation=cv2.INTER_AREA), width / size[0]
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -77,8 +93,21 @@ class FaceTracker:
         detector: FaceDetector,
         landmarker: FaceMeshLandmarker,
         smoothing: OneEuroParams | None = None,
+        detect_in_background: bool = False,
     ) -> None:
+        """`detect_in_background=True` runs the detector on a worker thread and uses its
+        faces from the next frame on: the frames it runs on are then no later than the
+        others (the landmarks of the tracked faces do not wait for it), at the price of
+        new faces being picked up one frame later."""
         self.detector = detector
+        self._background = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="livefuse-detect")
+            if detect_in_background
+            else None
+        )
+        self._pending: Future[list[Detection]] | None = None
+        self._backlog: list[Detection] = []
+        self._rejected: list[tuple[np.ndarray, int]] = []
         self.landmarker = landmarker
         self.smoothing = smoothing or OneEuroParams()
         self.tracks: list[Track] = []
@@ -89,6 +118,9 @@ class FaceTracker:
 
     def reset(self) -> None:
         self.tracks = []
+        self._pending = None
+        self._backlog = []
+        self._rejected = []
         self._want_detection = True
 
     def update(
@@ -116,15 +148,34 @@ class FaceTracker:
             or self._frames_since_detection >= detect_interval
         )
         detections: list[Detection] = []
+        if self._pending is not None and self._pending.done():
+            pending, self._pending = self._pending, None
+            detections = pending.result()
         if detect:
-            detections = [
-                d
-                for d in self.detector.detect(frame_bgr, max_side=detect_size)
-                if max(d.width, d.height) >= MIN_FACE_SIZE
-            ]
+            if self._background is None:
+                detections = self._detect(frame_bgr, detect_size)
+            elif self._pending is None:
+                # The frame's memory is reused for the next frame: hand the worker its own
+                # reduced copy, which is also all the detector looks at.
+                small, factor = _reduced(frame_bgr, detect_size)
+                self._pending = self._background.submit(self._detect, small, detect_size, factor)
             self._frames_since_detection = 0
             self._want_detection = False
-        unmatched = self._unmatched(detections)
+        # Faces are started a few per frame: a crowd coming into view at once would
+        # otherwise cost two landmark fits each on one frame, and make it late. The rest
+        # wait (re-checked against the tracks) until a newer detection replaces them.
+        if detections:
+            self._backlog = detections
+        self._rejected = [
+            (box, frame) for box, frame in self._rejected if self._frame - frame < _REJECT_FRAMES
+        ]
+        unmatched = [
+            d
+            for d in self._unmatched(self._backlog)
+            if all(box_iou(d.box, box) < _MERGE_IOU for box, _ in self._rejected)
+        ]
+        self._backlog = unmatched[_NEW_TRACKS_PER_FRAME:]
+        unmatched = unmatched[:_NEW_TRACKS_PER_FRAME]
         # Existing tracks follow their last mesh; new faces start from the detection and
         # get a second fit from their own first estimate, since the detector's box frames
         # a face less tightly than a mesh does.
@@ -151,7 +202,14 @@ class FaceTracker:
                 kept.append(track)
             else:
                 lost += 1
-        new_tracks = [self._new_track(m, timestamp) for m in new_meshes if self._usable(m)]
+        new_tracks = []
+        for detection, mesh in zip(unmatched, new_meshes, strict=True):
+            if self._usable(mesh):
+                new_tracks.append(self._new_track(mesh, timestamp))
+            else:
+                # Something the detector takes for a face and the landmark model does not
+                # (a face cut by the frame's edge, a poster): not retried for a while.
+                self._rejected.append((detection.box, self._frame))
         self.tracks = self._merged(kept + new_tracks)
         for track in self.tracks:
             track.age += 1
@@ -164,6 +222,18 @@ class FaceTracker:
             lost_tracks=lost,
         )
 
+    def _detect(
+        self, frame_bgr: np.ndarray, detect_size: int, factor: float = 1.0
+    ) -> list[Detection]:
+        """Faces big enough to track, in the coordinates of a frame `factor` times larger."""
+        found = self.detector.detect(frame_bgr, max_side=detect_size)
+        if factor != 1.0:
+            found = [
+                Detection(box=d.box * factor, score=d.score, keypoints=d.keypoints * factor)
+                for d in found
+            ]
+        return [d for d in found if max(d.width, d.height) >= MIN_FACE_SIZE]
+
     def _usable(self, mesh: FaceMesh) -> bool:
         return (
             mesh.presence >= self.landmarker.presence_threshold
@@ -172,9 +242,21 @@ class FaceTracker:
         )
 
     def _unmatched(self, detections: list[Detection]) -> list[Detection]:
-        """Detections that no current track already follows."""
+        """Detections that no current track already follows.
+
+        A detection is a tracked face when its box overlaps the track's mesh box enough,
+        or when its nose keypoint lies inside that box: the detector's box and the mesh's
+        differ in extent (most on small or turned faces), and every unmatched detection
+        costs two landmark fits before the merge finds it was a face already tracked.
+        """
         boxes = [t.raw.box for t in self.tracks]
-        return [d for d in detections if all(box_iou(d.box, b) < _MATCH_IOU for b in boxes)]
+
+        def follows(detection: Detection, box: np.ndarray) -> bool:
+            nose_x, nose_y = detection.keypoints[2]
+            inside = box[0] <= nose_x <= box[2] and box[1] <= nose_y <= box[3]
+            return inside or box_iou(detection.box, box) >= _MATCH_IOU
+
+        return [d for d in detections if not any(follows(d, b) for b in boxes)]
 
     def _new_track(self, mesh: FaceMesh, timestamp: float) -> Track:
         smoothing = OneEuroFilter(self.smoothing)

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _say(f"source: no face found in {args.source}; use a photo with a clear, visible face")
         return EXIT_BAD_INPUT
 
-    # As the service runs it: the tracking in a child process, the swap in this one.
+    # Tracking in a child process, the swap shared between this one and a second child.
     pipelines = []
     try:
         for _ in range(args.streams):
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 target_fps=clip.fps,
                 face_selection=args.faces,
                 track_in_child=True,
+                swap_in_child=True,
             )
             pipelines.append(pipeline)
             pipeline.source = source

@@ -48,19 +48,26 @@ def test_one_euro_follows_a_moving_face_closely() -> None:
     assert float(np.abs(moving[30:, :, 0] - looser[30:, :, 0]).max()) < lag_px
 
 
-def test_controller_steps_down_fast_and_up_slowly() -> None:
+def test_controller_starts_in_the_middle_climbs_slowly_and_steps_down_fast() -> None:
     controller = QualityController(mode="auto", target_fps=FPS)  # 33.3 ms budget
-    assert controller.level.name == "high"
-    controller.record(40.0)
-    controller.record(40.0)  # two of the last four over 90% of the budget
-    assert controller.level.name == "balanced"
-    controller.record(60.0)  # one frame at 1.8x the budget is enough on its own
     assert controller.level.name == "fast"
     for _ in range(44):
         controller.record(10.0)
     assert controller.level.name == "fast"  # not yet: 45 quiet frames are needed
     controller.record(10.0)
     assert controller.level.name == "balanced"
+    for _ in range(45):
+        controller.record(10.0)
+    assert controller.level.name == "high"
+    controller.record(40.0)
+    controller.record(40.0)  # two of the last four over 90% of the budget
+    assert controller.level.name == "balanced"
+    controller.record(60.0)  # one frame at 1.8x the budget is enough on its own
+    assert controller.level.name == "fast"
+    # Pinned and back to auto mid-stream: auto carries on from where it is.
+    controller.set_mode("high")
+    controller.set_mode("auto")
+    assert controller.level.name == "high"
 
 
 def test_controller_steps_down_on_a_dropped_frame_and_stops_at_the_bottom() -> None:
