@@ -64,10 +64,10 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(default=15.0, gt=0)
     """A session whose publisher sends no video for this long is ended (a vanished peer)."""
 
-    track_in_child: bool = False
-    """Each session tracks faces in a child process of its own (a core to itself, no
-    GIL shared with the swap and the WebRTC loop); sessions then take a second or two
-    longer to start."""
+    child_processes: bool = False
+    """Each session tracks faces in a child process and swaps half of them in another
+    (each a core of its own, no GIL shared with the WebRTC loop); see
+    stream/child_process.py. Their models load while the session's first frames arrive."""
 
     ice_servers: list[str] = Field(default_factory=list)
     """STUN/TURN URLs for the server's peer connections (JSON list in the environment).

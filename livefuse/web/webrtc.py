@@ -138,14 +138,15 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
 
     service.reserve_session()
     try:
-        # With tracking in a child process, building the pipeline waits for that
-        # process to load its models: not on the loop.
+        # Child processes are spawned here (their models load while the first frames
+        # arrive): not on the loop.
         pipeline = await asyncio.to_thread(
             RealtimePipeline,
             faces=faces,
             quality=quality,
             face_selection=cast(FaceSelection, face_selection),
-            track_in_child=settings.track_in_child,
+            track_in_child=settings.child_processes,
+            swap_in_child=settings.child_processes,
         )
     except BaseException:
         service.release_reservation()

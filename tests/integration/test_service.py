@@ -597,10 +597,10 @@ async def _refused_publish(
 
 def test_shutdown_ends_every_session_cleanly(settings: Settings, still_frame: np.ndarray) -> None:
     """Stopping the server (SIGTERM in `livefuse serve`) closes publishers and viewers
-    and leaves no session thread or tracking process running. This server tracks in
-    child processes (LIVEFUSE_TRACK_IN_CHILD)."""
+    and leaves no session thread or child process running. This server's sessions have
+    child processes (LIVEFUSE_CHILD_PROCESSES)."""
     stack = contextlib.ExitStack()
-    live = stack.enter_context(live_server(settings.model_copy(update={"track_in_child": True})))
+    live = stack.enter_context(live_server(settings.model_copy(update={"child_processes": True})))
 
     async def scenario(http: aiohttp.ClientSession) -> None:
         try:
@@ -608,8 +608,8 @@ def test_shutdown_ends_every_session_cleanly(settings: Settings, still_frame: np
             await publisher.wait_frames(3)
             viewer = await watch(http, live.base, publisher.session_id, token=None)
             await viewer.wait_frames(3)
-            children = [p.name for p in multiprocessing.active_children()]
-            assert children == ["livefuse-tracker"], children
+            children = sorted(p.name for p in multiprocessing.active_children())
+            assert children == ["livefuse-swap", "livefuse-tracker"], children
         finally:
             await asyncio.to_thread(stack.close)
         assert live.service.sessions == {}

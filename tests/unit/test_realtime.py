@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import av
@@ -131,7 +132,7 @@ def test_the_tracker_process_matches_the_tracker_and_survives_its_child_dying(
     faces: FacePipeline, astronaut_head: np.ndarray, settings: Settings
 ) -> None:
     local = FaceTracker(detector=faces.detector, landmarker=faces.landmarker)
-    remote = TrackerProcess(models_dir=settings.models_dir)
+    remote = TrackerProcess(models_dir=settings.models_dir, detect_in_background=False)
     try:
         for index in range(8):
             frame = scene((astronaut_head, 100 + 5 * index))
@@ -144,8 +145,8 @@ def test_the_tracker_process_matches_the_tracker_and_survives_its_child_dying(
                 np.testing.assert_allclose(mine.smoothed, theirs.smoothed, atol=1e-3)
                 np.testing.assert_allclose(mine.raw.points, theirs.raw.points, atol=1e-3)
 
-        remote._process.kill()  # the child dies mid-stream
-        remote._process.join()
+        remote.child.process.kill()  # the child dies mid-stream
+        remote.child.process.join()
         with pytest.raises(RuntimeError, match="tracker process failed"):
             remote.update(scene((astronaut_head, 140)), 8 / FPS, detect_size=480, detect_interval=4)
         # The next frame starts a new child, which finds the face again.
@@ -157,7 +158,7 @@ def test_the_tracker_process_matches_the_tracker_and_survives_its_child_dying(
 
 
 def run_scheduler(
-    pipeline: RealtimePipeline, frames: list[np.ndarray], *, block: bool
+    pipeline: RealtimePipeline, frames: list[np.ndarray], *, block: bool, paced: bool = False
 ) -> tuple[list[ProcessedFrame], ThreadedScheduler]:
     outputs: list[ProcessedFrame] = []
     done = threading.Condition()
@@ -169,6 +170,8 @@ def run_scheduler(
 
     scheduler = ThreadedScheduler(pipeline, on_output=keep, name="test")
     for index, frame in enumerate(frames):
+        if paced:
+            time.sleep(1 / FPS)
         scheduler.submit(frame, timestamp=index / FPS, tag=index, block=block)
     with done:
         done.wait_for(lambda: len(outputs) + scheduler.dropped >= len(frames), timeout=30)
@@ -216,12 +219,17 @@ def test_the_pipeline_swaps_through_the_tracker_process(
     pipeline = RealtimePipeline(faces=faces, quality="balanced", track_in_child=True)
     try:
         pipeline.source = faces.prepare_source(hanks_bgr).face
-        frames = [scene((astronaut_head, 100 + 2 * i)) for i in range(6)]
-        outputs, _ = run_scheduler(pipeline, frames, block=True)
+        frames = [scene((astronaut_head, 100 + i)) for i in range(40)]
+        outputs, _ = run_scheduler(pipeline, frames, block=True, paced=True)
     finally:
         pipeline.close()
-    assert [output.tag for output in outputs] == list(range(6))
-    assert [output.stats.swapped for output in outputs] == [1] * 6
+    assert [output.tag for output in outputs] == list(range(40))
+    swapped = [output.stats.swapped for output in outputs]
+    # The child detects in the background: the face is picked up once its first
+    # detection (the slowest, a fresh runtime's) is in, and kept from then on.
+    first = swapped.index(1)
+    assert first < 10 and swapped[first:] == [1] * (40 - first), swapped
+    assert all(output.stats.error is None for output in outputs)
     assert all(output.stats.quality == "balanced" for output in outputs)
 
 
@@ -250,3 +258,31 @@ def test_a_static_clip_only_has_noise_and_a_moving_one_moves(astronaut_head: np.
     # Seeded: the same clip again, frame for frame.
     again = list(render_clip(astronaut_head, **options))  # type: ignore[arg-type]
     assert all(np.array_equal(a, b) for a, b in zip(moving, again, strict=True))
+
+
+def test_half_the_faces_swapped_in_the_helper_process_give_the_same_frame(
+    faces: FacePipeline, astronaut_head: np.ndarray, second_head: np.ndarray, hanks_bgr: np.ndarray
+) -> None:
+    frames = [scene((astronaut_head, 40 + i), (second_head, 400 - i)) for i in range(4)]
+    source = faces.prepare_source(hanks_bgr).face
+    outputs = {}
+    for helper in (False, True):
+        pipeline = RealtimePipeline(faces=faces, quality="high", swap_in_child=helper)
+        try:
+            pipeline.source = source
+            outputs[helper] = [pipeline.process(f, timestamp=i / FPS) for i, f in enumerate(frames)]
+            if helper:
+                assert pipeline.swap_helper is not None
+                pipeline.swap_helper.child.process.kill()  # dies: that frame passes through
+                broken = pipeline.process(frames[0], timestamp=1.0)
+                assert broken is not None and broken.stats.error is not None
+                assert np.array_equal(broken.image, frames[0])
+                again = pipeline.process(frames[1], timestamp=1.1)  # a new child takes over
+                assert again is not None and again.stats.error is None and again.stats.swapped == 2
+        finally:
+            pipeline.close()
+    for alone, shared in zip(outputs[False], outputs[True], strict=True):
+        assert alone is not None and shared is not None
+        assert alone.stats.swapped == shared.stats.swapped == 2
+        assert "swap_wait" in shared.stats.stages_ms  # the faces really were split
+        assert np.array_equal(alone.image, shared.image)

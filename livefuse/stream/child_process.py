@@ -1,0 +1,192 @@
+"""A worker process for one stage of the real-time pipeline: requests over a pipe, frames
+in shared memory.
+
+Much of the tracking and the swap runs in Python with the GIL held, so threads of one
+process mostly take turns; a spawned child has an interpreter (and a core) of its own.
+`ChildProcess` is the parent's side: it starts the child without waiting for it (two
+children of one session load their models side by side), waits for it on first use,
+sends one request at a time and turns every failure (the child died, hung, or raised)
+into a `RuntimeError` after which the next request starts a fresh child. The frame
+travels in a `SharedMemory` block the parent owns; `serve` is the child's side.
+
+Spawned, not forked: the parent runs threads (aiortc, the scheduler) that a fork would
+copy mid-flight. Spawn re-imports the main module, so a script that builds a pipeline
+with children needs the usual `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+
+# Loading models in a fresh interpreter takes a second or two; allow for a busy machine.
+START_TIMEOUT_S = 60.0
+# One frame's work takes milliseconds; this long means the child is stuck.
+REQUEST_TIMEOUT_S = 10.0
+
+Handler = Callable[[tuple[Any, ...]], Any]
+
+
+class ChildProcess:
+    def __init__(
+        self, *, target: Callable[..., None], args: tuple[Any, ...], name: str, process_name: str
+    ) -> None:
+        self.name = name
+        """How errors name it ("tracker process")."""
+        self.process_name = process_name
+        self._target, self._args = target, args
+        self._context = multiprocessing.get_context("spawn")
+        self.process: Any = None
+        self._conn: Connection | None = None
+        self._ready = False
+        self._memory: SharedMemory | None = None
+        self.launch()
+
+    @property
+    def running(self) -> bool:
+        return self._conn is not None
+
+    def launch(self) -> None:
+        """Start the child; it says it is ready (models loaded) by answering a ping."""
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(
+            target=self._target,
+            args=(child_end, *self._args),
+            name=self.process_name,
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        self.process, self._conn, self._ready = process, parent_end, False
+        self.send(("ping",))
+
+    def ensure_started(self) -> bool:
+        """Wait for the child if it is starting; start a new one if the last one failed.
+        True when this call started a new child (its state is fresh)."""
+        fresh = self._conn is None
+        if fresh:
+            self.launch()
+        if not self._ready:
+            self.receive(timeout=START_TIMEOUT_S)
+            self._ready = True
+        return fresh
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        if self._conn is None:
+            raise RuntimeError(f"{self.name} is not running")
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError) as error:
+            self.stop()
+            raise RuntimeError(f"{self.name} failed: {error}") from None
+
+    def receive(self, *, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+        """The answer to the oldest request; RuntimeError if there is none to be had."""
+        if self._conn is None:
+            raise RuntimeError(f"{self.name} is not running")
+        try:
+            if not self._conn.poll(timeout):
+                raise TimeoutError(f"no answer in {timeout:g} s")
+            status, payload = self._conn.recv()
+        except (OSError, EOFError, TimeoutError) as error:
+            # Gone or stuck: drop it; the next request starts a new one.
+            self.stop()
+            raise RuntimeError(f"{self.name} failed: {error or type(error).__name__}") from None
+        if status == "error":
+            raise RuntimeError(f"{self.name}: {payload}")
+        return payload
+
+    def ask(self, message: tuple[Any, ...]) -> Any:
+        self.send(message)
+        return self.receive()
+
+    def frame_buffer(self, shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
+        """A uint8 array of `shape` in shared memory (reused while big enough), and the
+        block's name for the child. Drop the array before the buffer can be replaced."""
+        size = int(np.prod(shape))
+        if self._memory is None or self._memory.size < size:
+            self._free_memory()
+            self._memory = SharedMemory(create=True, size=size)
+        array = np.ndarray(shape, dtype=np.uint8, buffer=self._memory.buf)
+        return array, self._memory.name
+
+    def stop(self) -> None:
+        conn, process = self._conn, self.process
+        self._conn = self.process = None
+        self._ready = False
+        if conn is not None:
+            conn.close()
+        if process is not None:
+            process.join(timeout=2)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=2)
+
+    def close(self) -> None:
+        """Stop the child and free the shared memory. Safe to call twice."""
+        if self._conn is not None:
+            try:
+                self._conn.send(("close",))
+            except (OSError, ValueError):
+                pass
+        self.stop()
+        self._free_memory()
+
+    def _free_memory(self) -> None:
+        if self._memory is not None:
+            self._memory.close()
+            self._memory.unlink()
+            self._memory = None
+
+
+class SharedFrames:
+    """The child's view of the parent's shared frame blocks (attached once each)."""
+
+    def __init__(self) -> None:
+        self._attached: dict[str, SharedMemory] = {}
+
+    def frame(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self._attached:
+            self.close()
+            # A spawned child shares the parent's resource tracker, so attaching adds
+            # nothing to clean up; the parent unlinks the block.
+            self._attached[name] = SharedMemory(name=name)
+        return np.ndarray(shape, dtype=np.uint8, buffer=self._attached[name].buf)
+
+    def close(self) -> None:
+        for memory in self._attached.values():
+            memory.close()
+        self._attached.clear()
+
+
+def serve(conn: Connection, handle: Handler, *, ready_error: str | None = None) -> None:
+    """The child's loop: answer each request with ("ok", result) or ("error", text)
+    until told to close or the parent goes away. A request whose handler returns
+    `NO_REPLY` is answered by the next one's reply instead."""
+    if ready_error is not None:
+        conn.send(("error", ready_error))
+        return
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return  # the parent went away
+        kind = message[0]
+        if kind == "close":
+            return
+        try:
+            result = None if kind == "ping" else handle(message)
+        except Exception as error:  # the parent counts it and passes the frame through
+            conn.send(("error", f"{type(error).__name__}: {error}"))
+            continue
+        if result is not NO_REPLY:
+            conn.send(("ok", result))
+
+
+NO_REPLY = object()
+"""What a handler returns for a message that gets no answer of its own."""
