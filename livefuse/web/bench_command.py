@@ -30,7 +30,7 @@ from livefuse.stream.realtime import RealtimePipeline
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 # Frames run through a throwaway pipeline first: the runtimes allocate and pick kernels
 # on their first calls, which a live stream pays once at session start, not per frame.
-_WARMUP_FRAMES = 20
+_WARMUP_FRAMES = 30
 # One intra-op thread per model: the scheduler already runs its two stages on two threads,
 # and more threads per stage than cores only adds contention.
 _THREADS_PER_STAGE = 1
@@ -90,8 +90,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             )
             pipelines.append(pipeline)
             pipeline.source = source
+            # At the clip's pace, so the background detection lands and both children
+            # have swapped before the timed run starts.
             for index, frame in enumerate(clip.frames[:_WARMUP_FRAMES]):
                 pipeline.process(frame, timestamp=index / clip.fps)
+                time.sleep(1 / clip.fps)
             pipeline.reset()
 
         mode = "unpaced" if args.unpaced else "paced"
