@@ -158,8 +158,8 @@ class RealtimePipeline:
         self._lock = threading.Lock()
 
     def reset(self) -> None:
-        """Forget the tracks and the quality history, as for a new stream (after a warm-up)."""
-        self.tracker.reset()
+        """Forget the quality history and the counts (after a warm-up). The tracks are
+        kept: they are what a stream that has been running for a while has."""
         self.controller = QualityController(
             mode=self.controller.mode, target_fps=1000.0 / self.controller.budget_ms
         )
