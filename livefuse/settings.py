@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,19 @@ class Settings(BaseSettings):
 
     idle_timeout_s: float = Field(default=15.0, gt=0)
     """A session whose publisher sends no video for this long is ended (a vanished peer)."""
+
+    swapper: Literal["mesh", "inswapper"] = "mesh"
+    """The service's face swapper: the embedded mesh swapper, or inswapper_128 + ArcFace
+    (bring your own: `livefuse models pull`)."""
+
+    detector: Literal["centerface", "scrfd"] = "centerface"
+    """The service's face detector: embedded CenterFace, or SCRFD (bring your own)."""
+
+    enhancer: Literal["none", "gfpgan", "codeformer"] = "none"
+    """Face enhancer on swapped faces (bring your own); adaptive quality drops it first."""
+
+    occlusion: bool = False
+    """Keep hands, glasses and hair in front of swapped faces (BiSeNet, bring your own)."""
 
     child_processes: bool = False
     """Each session tracks faces in a child process and swaps half of them in another

@@ -108,8 +108,14 @@ class Service:
         log.info("event=models_ready")
 
     def _load_and_warm(self) -> FacePipeline:
+        settings = self.settings
         pipeline = self.face_pipeline or FacePipeline.from_store(
-            ModelStore(self.settings.models_dir), threads=1
+            ModelStore(settings.models_dir),
+            threads=1,
+            swapper=settings.swapper,
+            detector=settings.detector,
+            enhancer=settings.enhancer,
+            occlusion=settings.occlusion,
         )
         # The first inference of each model allocates and plans; pay for it before the
         # first viewer would.

@@ -110,7 +110,8 @@ def prepare(pipeline: FacePipeline, data: bytes, *, max_bytes: int, max_pixels: 
     meshes = pipeline.find_faces(image)
     if not meshes:
         raise NoFaceError("no face found in the image; use a photo with one clear, frontal face")
-    face = pipeline.swapper.prepare_source(image, meshes[0])
+    # For the pipeline's swapper: with inswapper, also its identity embedding.
+    face = pipeline.prepare_source_face(image, meshes[0])
     height, width = image.shape[:2]
     faces = [
         {"box": [round(float(v), 1) for v in mesh.box], "size": round(mesh.size, 1)}

@@ -156,3 +156,29 @@ def test_the_tracking_child_detects_with_scrfd_when_chosen(
         assert output is not None and output.stats.error is None
     finally:
         realtime.close()
+
+
+def test_the_service_prepares_uploaded_faces_for_inswapper_when_configured(
+    home: Path, hanks_path: Path
+) -> None:
+    import json
+    import urllib.request
+
+    from livefuse.engines.identity import IdentityFace
+    from livefuse.settings import Settings
+    from tests.webrtc_peers import live_server
+
+    bring(home, "inswapper_128", "w600k_r50")
+    settings = Settings(home=home, swapper="inswapper")
+    with live_server(settings) as live:
+        request = urllib.request.Request(
+            f"{live.base}/api/v1/sources",
+            data=hanks_path.read_bytes(),
+            headers={"Content-Type": "image/png"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 201
+            source_id = json.loads(response.read())["id"]
+        source = live.service.sources.get(source_id)
+        assert source is not None and isinstance(source.face, IdentityFace)
