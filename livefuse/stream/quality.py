@@ -93,13 +93,14 @@ class QualityController:
     """Chooses the level for the next frame from the times of the last ones.
 
     Step down when 2 of the last 4 frames overran 90% of the budget (or one overran it by
-    half again); step up when 45 frames in a row (1.5 s at 30 fps) took under 60% of it.
+    half again); step up when 90 frames in a row (3 s at 30 fps) took under 55% of it: each
+    climb that does not hold costs a few late frames, so climbing is the cautious move.
     Pinned to a level, it only records.
     """
 
     _DOWN_WINDOW, _DOWN_COUNT, _DOWN_SHARE = 4, 2, 0.9
     _SEVERE_SHARE = 1.5
-    _UP_FRAMES, _UP_SHARE = 45, 0.6
+    _UP_FRAMES, _UP_SHARE = 90, 0.55
 
     def __init__(self, *, mode: QualityMode = "auto", target_fps: float = 30.0) -> None:
         self.budget_ms = 1000.0 / target_fps
