@@ -68,6 +68,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as error:
         _say(str(error))
         return EXIT_BAD_INPUT
+    if clip.truncated:
+        _say(
+            f"the video is long: timing its first {len(clip.frames)} frames "
+            f"({len(clip.frames) / clip.fps:.0f} s), which fit in memory"
+        )
 
     faces = FacePipeline.from_store(ModelStore(settings.models_dir), threads=_THREADS_PER_STAGE)
     try:

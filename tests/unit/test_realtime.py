@@ -286,3 +286,17 @@ def test_half_the_faces_swapped_in_the_helper_process_give_the_same_frame(
         assert alone.stats.swapped == shared.stats.swapped == 2
         assert "swap_wait" in shared.stats.stages_ms  # the faces really were split
         assert np.array_equal(alone.image, shared.image)
+
+
+def test_a_clip_too_long_for_memory_is_cut_and_says_so(
+    tmp_path: Path, astronaut_head: np.ndarray
+) -> None:
+    from livefuse.stream.bench import load_clip
+
+    path = write_clip(astronaut_head, tmp_path / "clip.mp4", seconds=0.5, size=(320, 240))
+    whole = load_clip(path)
+    assert len(whole.frames) == 15 and not whole.truncated and whole.fps == 30
+    frame_bytes = whole.frames[0].nbytes
+    cut = load_clip(path, max_bytes=5 * frame_bytes)
+    assert len(cut.frames) == 5 and cut.truncated
+    assert all(np.array_equal(a, b) for a, b in zip(cut.frames, whole.frames[:5]))
