@@ -299,4 +299,4 @@ def test_a_clip_too_long_for_memory_is_cut_and_says_so(
     frame_bytes = whole.frames[0].nbytes
     cut = load_clip(path, max_bytes=5 * frame_bytes)
     assert len(cut.frames) == 5 and cut.truncated
-    assert all(np.array_equal(a, b) for a, b in zip(cut.frames, whole.frames[:5]))
+    assert all(np.array_equal(a, b) for a, b in zip(cut.frames, whole.frames[:5], strict=True))
