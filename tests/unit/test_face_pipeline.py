@@ -141,6 +141,32 @@ def test_reshaping_stays_inside_the_ring_around_the_face(pipeline, astronaut_bgr
     assert not changed[inside_ring == 0].any(), "reshaping moved pixels far from the face"
 
 
+def test_a_turned_face_takes_the_source_shape_on_its_near_side_only(
+    pipeline, astronaut_bgr, group_bgr
+):
+    """t1.jpg's fifth person is seen three-quarter (his far cheek hides behind his nose):
+    his near side, nose and mouth take the source's shape, his far outline stays put."""
+    from livefuse.engines.swapper import face_axes
+
+    source = pipeline.prepare_source(astronaut_bgr).face
+    faces = pipeline.find_faces(group_bgr)
+    turned = min(faces, key=lambda f: np.linalg.norm(f.points[:, :2].mean(axis=0) - (956, 133)))
+    points = turned.points
+    topology = pipeline.swapper.topology
+    axes = face_axes(points, topology)
+    assert abs(axes[2, 0]) > 0.5, "the fixture's fifth person should be turned well away"
+    moved = pipeline.swapper.transfer_shape(source, points, 1.0)
+    shift = np.linalg.norm((moved - points)[:, :2], axis=1)
+
+    oval = topology.face_oval
+    lateral = ((points - points.mean(axis=0)) @ axes.T)[oval, 0]
+    lateral *= 1.0 if axes[0, 2] > 0 else -1.0  # positive: the side turned away
+    far_edge = oval[lateral > 0.9 * np.abs(lateral).max()]
+    near_side = oval[lateral < -0.5 * np.abs(lateral).max()]
+    assert shift[near_side].max() > 3.0, "the near side should take the source's shape"
+    assert shift[far_edge].max() < 0.25 * shift[near_side].max(), "the far outline moved"
+
+
 def test_swapped_face_reads_as_the_source_to_an_independent_recogniser(
     pipeline, astronaut_bgr, group_bgr
 ):
