@@ -26,6 +26,10 @@ FOREHEAD_KEEP = 0.85
 # colour transfer already hides the seam (measured with dlib's recogniser).
 ERODE_FRACTION = 0.008
 FEATHER_FRACTION = 0.02
+# Limits on how much the Lab spread (lightness, a, b) of the rendered face may be scaled
+# to the target's.
+SPREAD_GAIN_LOW = np.array([0.6, 0.0, 0.0], dtype=np.float32)
+SPREAD_GAIN_HIGH = np.array([1.6, 1.6, 1.6], dtype=np.float32)
 # Blur radius of the lighting field carried over, as a fraction of the face size.
 LIGHT_SIGMA_FRACTION = 0.25
 
@@ -107,8 +111,7 @@ def match_colour(
     target_lab = target_lab8.astype(np.float32)
     # Limit the lightness spread change: a flat-lit target must not flatten the source's
     # features. Colour spread may go to nothing: a grayscale target gets a grayscale face.
-    lowest = np.array([0.6, 0.0, 0.0], dtype=np.float32)
-    gain = np.clip(dst_std / src_std, lowest, 1.6)
+    gain = np.clip(dst_std / src_std, SPREAD_GAIN_LOW, SPREAD_GAIN_HIGH)
     # Matching tone and spread only partly (identity lives in skin tone too) measured no
     # better with dlib, and matching fully hides the seam best.
     matched = (rendered_lab - src_mean) * gain + dst_mean

@@ -167,7 +167,7 @@ class FacePipeline:
         parser: FaceParser | None = None,
         default_swapper: SwapperChoice = "mesh",
         detection_size: int = 640,
-        shape_strength: float = 0.9,
+        shape_strength: float = 1.0,
         timer: StageTimer | None = None,
     ) -> None:
         if default_swapper == "inswapper" and identity is None:
