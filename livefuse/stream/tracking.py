@@ -66,6 +66,8 @@ class Track:
     filter: OneEuroFilter = field(repr=False)
     age: int = 0
     """Frames since the track began."""
+    last_fit: int = 0
+    """The tracker's frame number of the track's latest landmark fit."""
 
     @property
     def mesh(self) -> FaceMesh:
@@ -114,6 +116,7 @@ class FaceTracker:
         self._ids = itertools.count(1)
         self._frames_since_detection = 0
         self._frame = 0
+        self._fit_share = 0.0
         self._want_detection = True
 
     def reset(self) -> None:
@@ -135,10 +138,11 @@ class FaceTracker:
         """Follow the faces into this frame.
 
         Each track's landmarks are refitted every `landmark_interval` frames and reused
-        as they are in between; the tracks take turns (by id), so each frame refits about
-        1/interval of the faces instead of every face at once on one frame in N, which
-        would make that frame late. The detector runs when `detect_interval` frames have
-        passed, when there is no track, or when a track was lost on the previous frame.
+        as they are in between; the tracks take turns, so each frame refits 1/interval of
+        the faces (5 faces every 3 frames: 2, 2, 1) instead of every face at once on one
+        frame in N, which would make that frame late. The detector runs when
+        `detect_interval` frames have passed, when there is no track, or when a track was
+        lost on the previous frame.
         """
         self._frame += 1
         self._frames_since_detection += 1
@@ -179,8 +183,7 @@ class FaceTracker:
         # Existing tracks follow their last mesh; new faces start from the detection and
         # get a second fit from their own first estimate, since the detector's box frames
         # a face less tightly than a mesh does.
-        interval = max(1, landmark_interval)
-        refitted = [t for t in self.tracks if (self._frame + t.id) % interval == 0]
+        refitted = self._due_for_refit(max(1, landmark_interval))
         tracked_regions = [FaceRegion.from_points(t.raw.points) for t in refitted]
         new_regions = [FaceRegion.from_detection(d) for d in unmatched]
         regions = tracked_regions + new_regions
@@ -197,6 +200,7 @@ class FaceTracker:
         lost = 0
         for track, mesh in zip(refitted, tracked_meshes, strict=True):
             if self._usable(mesh):
+                track.last_fit = self._frame
                 track.raw = mesh
                 track.smoothed = track.filter(mesh.points, timestamp, mesh.size)
                 kept.append(track)
@@ -221,6 +225,21 @@ class FaceTracker:
             new_tracks=len(new_tracks),
             lost_tracks=lost,
         )
+
+    def _due_for_refit(self, interval: int) -> list[Track]:
+        """The tracks whose landmarks this frame refits: the longest-waiting ones, as many
+        as keep every frame's share even (the fraction carried over between frames), and
+        any that would otherwise wait past the interval. Taking turns by id alone leaves
+        the shares uneven (ids 1, 3, 4, 6, 7 every 3 frames: 2, 3 and 0 fits), and the
+        frame with the most fits is the late one."""
+        if interval == 1:
+            return list(self.tracks)
+        self._fit_share += len(self.tracks) / interval
+        count = int(self._fit_share)
+        self._fit_share -= count
+        waiting = sorted(self.tracks, key=lambda t: (t.last_fit, t.id))
+        overdue = [t for t in waiting if self._frame - t.last_fit >= interval]
+        return waiting[: max(count, len(overdue))]
 
     def _detect(
         self, frame_bgr: np.ndarray, detect_size: int, factor: float = 1.0
@@ -265,6 +284,7 @@ class FaceTracker:
             raw=mesh,
             smoothed=smoothing(mesh.points, timestamp, mesh.size),
             filter=smoothing,
+            last_fit=self._frame,
         )
 
     @staticmethod

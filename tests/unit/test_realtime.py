@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -126,6 +127,34 @@ def test_faces_take_turns_for_their_landmark_refits(
     assert len(tracker.tracks) == 2
     # Once both are tracked, one face is refitted per frame, never both on one frame.
     assert fits[2:] == [1] * 10, fits
+
+
+def test_refits_are_spread_evenly_whatever_the_track_ids(
+    faces: FacePipeline, group_bgr_module: np.ndarray
+) -> None:
+    tracker = FaceTracker(detector=faces.detector, landmarker=faces.landmarker)
+    options = {"detect_size": 640, "detect_interval": 1000}
+    for index in range(4):  # new faces start a few per frame
+        tracker.update(group_bgr_module, index / FPS, **options)
+    assert len(tracker.tracks) >= 5
+    tracker.tracks = tracker.tracks[:5]
+    # Ids with gaps, as tracks lost and merged leave them: taking turns by id alone would
+    # refit 2, 3 and 0 faces on three frames in a row here.
+    for track, new_id in zip(tracker.tracks, (1, 3, 4, 6, 7), strict=True):
+        track.id = new_id
+    first = 4
+    fits, refitted_on = [], {track.id: [] for track in tracker.tracks}
+    for index in range(first, first + 12):
+        counts = tracker.update(group_bgr_module, index / FPS, **options, landmark_interval=3)
+        fits.append(counts.landmark_fits)
+        for track in tracker.tracks:
+            if track.last_fit == tracker._frame:
+                refitted_on[track.id].append(index)
+    assert len(tracker.tracks) == 5
+    # Five faces every three frames: two, two and one, never three on one frame.
+    assert sorted(fits[3:]) == sorted([2, 2, 1] * 3), fits
+    for track_id, frames in refitted_on.items():
+        assert all(b - a == 3 for a, b in itertools.pairwise(frames)), (track_id, frames)
 
 
 def test_the_tracker_process_matches_the_tracker_and_survives_its_child_dying(
