@@ -46,7 +46,10 @@ def mask_outline(points: np.ndarray, topology: MeshTopology) -> np.ndarray:
 
 
 def forehead_ramp(
-    points: np.ndarray, topology: MeshTopology, box: tuple[int, int, int, int]
+    points: np.ndarray,
+    topology: MeshTopology,
+    box: tuple[int, int, int, int],
+    outline: np.ndarray | None = None,
 ) -> np.ndarray:
     """1 below the brows fading to 0 at the mask's top edge, over the box.
 
@@ -57,7 +60,9 @@ def forehead_ramp(
     up = axes[1, :2] / max(float(np.linalg.norm(axes[1, :2])), 1e-6)
     centre = points[:, :2].mean(axis=0)
     brow = float(((points[topology.brows, :2] - centre) @ up).max())
-    top = float(((mask_outline(points, topology) - centre) @ up).max())
+    if outline is None:
+        outline = mask_outline(points, topology)
+    top = float(((outline - centre) @ up).max())
     x1, y1, x2, y2 = box
     ys, xs = np.mgrid[y1:y2, x1:x2].astype(np.float32)
     height = (xs - centre[0]) * up[0] + (ys - centre[1]) * up[1]
@@ -75,10 +80,12 @@ def face_mask(
 ) -> np.ndarray:
     """Feathered 0..1 float32 alpha over the box."""
     x1, y1, x2, y2 = box
-    outline = mask_outline(points, topology) - (x1, y1)
+    outline = mask_outline(points, topology)
     outline_mask = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
-    cv2.fillPoly(outline_mask, [np.round(outline * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-    allowed = (coverage * forehead_ramp(points, topology, box) * 255).astype(np.uint8)
+    corners = np.round((outline - (x1, y1)) * 16).astype(np.int32)
+    cv2.fillPoly(outline_mask, [corners], 255, cv2.LINE_AA, shift=4)
+    ramp = forehead_ramp(points, topology, box, outline)
+    allowed = (coverage * ramp * 255).astype(np.uint8)
     erode = max(1, round(face_size * ERODE_FRACTION))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode + 1,) * 2)
     mask: np.ndarray = cv2.erode(cv2.min(outline_mask, allowed), kernel)
