@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -40,12 +41,14 @@ class FaceMesh:
     points: np.ndarray  # (468, 3) float32
     presence: float
 
-    @property
+    # Cached: the tracker compares boxes pairwise every frame, and a mesh's points are
+    # never changed in place once it is made (a refit makes a new FaceMesh).
+    @cached_property
     def box(self) -> np.ndarray:
         xy = self.points[:, :2]
         return np.concatenate([xy.min(axis=0), xy.max(axis=0)])
 
-    @property
+    @cached_property
     def size(self) -> float:
         """Face size in pixels: the larger side of the landmark bounding box."""
         x1, y1, x2, y2 = self.box
