@@ -345,8 +345,10 @@ class MeshSwapper:
         # The lateral axis's depth component says which side recedes (frame z grows away
         # from the camera).
         far_sign = 1.0 if axes[0, 2] > 0 else -1.0
-        half_width = max(float(np.abs(frontal[self.topology.face_oval, 0]).max()), 1e-6)
-        farness = frontal[:, 0] * far_sign / half_width
+        # Measured on the far side alone: a turned face's near half shows wider, and
+        # scaling by it would leave the far outline short of 1, never fully held.
+        far_half_width = max(float((frontal[self.topology.face_oval, 0] * far_sign).max()), 1e-6)
+        farness = frontal[:, 0] * far_sign / far_half_width
         hold = np.clip((farness - _FAR_HOLD_START) / (1.0 - _FAR_HOLD_START), 0.0, 1.0)
         return (1.0 - turned * hold).astype(np.float32)
 

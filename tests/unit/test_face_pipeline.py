@@ -160,7 +160,10 @@ def test_a_turned_face_takes_the_source_shape_on_its_near_side_only(
 
     oval = topology.face_oval
     lateral = ((points - points.mean(axis=0)) @ axes.T)[oval, 0]
-    lateral *= 1.0 if axes[0, 2] > 0 else -1.0  # positive: the side turned away
+    # The side turned away is told from depth alone (FaceMesh's z grows away from the
+    # camera), not from the swapper's own axes, so a wrong sign there would fail here.
+    far_is_positive = points[oval[lateral > 0], 2].mean() > points[oval[lateral < 0], 2].mean()
+    lateral *= 1.0 if far_is_positive else -1.0  # positive: the side turned away
     far_edge = oval[lateral > 0.9 * np.abs(lateral).max()]
     near_side = oval[lateral < -0.5 * np.abs(lateral).max()]
     assert shift[near_side].max() > 3.0, "the near side should take the source's shape"
