@@ -121,6 +121,7 @@ class FaceTracker:
 
     def reset(self) -> None:
         self.tracks = []
+        self._fit_share = 0.0
         self._pending = None
         self._backlog = []
         self._rejected = []
