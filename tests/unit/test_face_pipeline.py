@@ -170,6 +170,31 @@ def test_a_turned_face_takes_the_source_shape_on_its_near_side_only(
     assert shift[far_edge].max() < 0.25 * shift[near_side].max(), "the far outline moved"
 
 
+@pytest.mark.parametrize("photo", ["astronaut_bgr", "hanks_bgr"])
+def test_a_source_fit_hardly_depends_on_where_its_crop_starts(pipeline, photo, request):
+    image = request.getfixturevalue(photo)
+    mesh = pipeline.find_faces(image)[0]
+    # One landmark pass from each of four crops a few pixels apart, as a video frame gets
+    # it: each fit differs a little, with the crop.
+    fits = [
+        pipeline.landmarker.landmarks(
+            image, [FaceRegion.from_points(mesh.points + np.float32([dx, dy, 0]))]
+        )[0]
+        for dx, dy in ((0, 0), (4, 0), (0, 4), (-4, -3))
+    ]
+
+    def spread(shapes: list[np.ndarray]) -> float:
+        """Mean landmark distance (frontal layout, px) of each shape from the first."""
+        distances = [np.linalg.norm((s - shapes[0])[:, :2], axis=1).mean() for s in shapes[1:]]
+        return float(np.mean(distances))
+
+    as_fitted = [pipeline.swapper.prepare_source(image, fit).frontal for fit in fits]
+    # Preparing the source from each fit refits it from many crops and takes the median,
+    # so the four prepared sources agree much better than the fits they started from.
+    prepared = [pipeline.prepare_source_face(image, fit).frontal for fit in fits]
+    assert spread(prepared) < 0.7 * spread(as_fitted), (spread(prepared), spread(as_fitted))
+
+
 def test_swapped_face_reads_as_the_source_to_an_independent_recogniser(
     pipeline, astronaut_bgr, group_bgr
 ):
