@@ -68,6 +68,9 @@ class Track:
     """Frames since the track began."""
     last_fit: int = 0
     """The tracker's frame number of the track's latest landmark fit."""
+    fit_interval: int = 1
+    """The refit interval in force at that fit: the track was promised its next fit
+    within it, and a change of interval since does not make it due sooner."""
 
     @property
     def mesh(self) -> FaceMesh:
@@ -184,7 +187,8 @@ class FaceTracker:
         # Existing tracks follow their last mesh; new faces start from the detection and
         # get a second fit from their own first estimate, since the detector's box frames
         # a face less tightly than a mesh does.
-        refitted = self._due_for_refit(max(1, landmark_interval))
+        interval = max(1, landmark_interval)
+        refitted = self._due_for_refit(interval)
         tracked_regions = [FaceRegion.from_points(t.raw.points) for t in refitted]
         new_regions = [FaceRegion.from_detection(d) for d in unmatched]
         regions = tracked_regions + new_regions
@@ -202,6 +206,7 @@ class FaceTracker:
         for track, mesh in zip(refitted, tracked_meshes, strict=True):
             if self._usable(mesh):
                 track.last_fit = self._frame
+                track.fit_interval = interval
                 track.raw = mesh
                 track.smoothed = track.filter(mesh.points, timestamp, mesh.size)
                 kept.append(track)
@@ -210,7 +215,7 @@ class FaceTracker:
         new_tracks = []
         for detection, mesh in zip(unmatched, new_meshes, strict=True):
             if self._usable(mesh):
-                new_tracks.append(self._new_track(mesh, timestamp))
+                new_tracks.append(self._new_track(mesh, timestamp, interval))
             else:
                 # Something the detector takes for a face and the landmark model does not
                 # (a face cut by the frame's edge, a poster): not retried for a while.
@@ -239,7 +244,10 @@ class FaceTracker:
         count = int(self._fit_share)
         self._fit_share -= count
         waiting = sorted(self.tracks, key=lambda t: (t.last_fit, t.id))
-        overdue = [t for t in waiting if self._frame - t.last_fit >= interval]
+        # Due by the longer of the two intervals: when the interval shortens (the quality
+        # level climbs), every track fitted under the old one would otherwise fall due on
+        # the same frame and make it late.
+        overdue = [t for t in waiting if self._frame - t.last_fit >= max(interval, t.fit_interval)]
         return waiting[: max(count, len(overdue))]
 
     def _detect(
@@ -278,7 +286,7 @@ class FaceTracker:
 
         return [d for d in detections if not any(follows(d, b) for b in boxes)]
 
-    def _new_track(self, mesh: FaceMesh, timestamp: float) -> Track:
+    def _new_track(self, mesh: FaceMesh, timestamp: float, interval: int) -> Track:
         smoothing = OneEuroFilter(self.smoothing)
         return Track(
             id=next(self._ids),
@@ -286,6 +294,7 @@ class FaceTracker:
             smoothed=smoothing(mesh.points, timestamp, mesh.size),
             filter=smoothing,
             last_fit=self._frame,
+            fit_interval=interval,
         )
 
     @staticmethod

@@ -159,6 +159,26 @@ def test_refits_are_spread_evenly_whatever_the_track_ids(
         assert all(b - a == 3 for a, b in itertools.pairwise(frames)), (track_id, frames)
 
 
+def test_a_shorter_refit_interval_does_not_crowd_one_frame(
+    faces: FacePipeline, group_bgr_module: np.ndarray
+) -> None:
+    tracker = FaceTracker(detector=faces.detector, landmarker=faces.landmarker)
+    options = {"detect_size": 640, "detect_interval": 1000}
+    for index in range(4):
+        tracker.update(group_bgr_module, index / FPS, **options)
+    assert len(tracker.tracks) == 6
+    for index in range(4, 13):  # every 3 frames: 2 fits a frame
+        tracker.update(group_bgr_module, index / FPS, **options, landmark_interval=3)
+    fits = []
+    for index in range(13, 21):  # the level climbs: every 2 frames, 3 fits a frame
+        counts = tracker.update(group_bgr_module, index / FPS, **options, landmark_interval=2)
+        fits.append(counts.landmark_fits)
+    assert len(tracker.tracks) == 6
+    # Tracks fitted under the old interval fall due by it, not all on the first frame.
+    assert max(fits) <= 3, fits
+    assert sum(fits) == 3 * len(fits), fits
+
+
 def test_the_tracker_process_matches_the_tracker_and_survives_its_child_dying(
     faces: FacePipeline, astronaut_head: np.ndarray, settings: Settings
 ) -> None:
