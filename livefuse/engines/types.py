@@ -42,11 +42,14 @@ class FaceMesh:
     presence: float
 
     # Cached: the tracker compares boxes pairwise every frame, and a mesh's points are
-    # never changed in place once it is made (a refit makes a new FaceMesh).
+    # never changed in place once it is made (a refit makes a new FaceMesh). Read-only,
+    # so a caller that writes into it fails loudly instead of corrupting the cache.
     @cached_property
     def box(self) -> np.ndarray:
         xy = self.points[:, :2]
-        return np.concatenate([xy.min(axis=0), xy.max(axis=0)])
+        box = np.concatenate([xy.min(axis=0), xy.max(axis=0)])
+        box.setflags(write=False)
+        return box
 
     @cached_property
     def size(self) -> float:
