@@ -374,7 +374,10 @@ class FacePipeline:
             mask_points, mask_box = points, box
         self.timer.add("swap", started)
         started = time.perf_counter()
-        alpha = face_mask(mask_points, self.swapper.topology, coverage, mask_box, face_size)
+        # The mesh's coverage is its own silhouette: no oval clip (see `face_mask`).
+        alpha = face_mask(
+            mask_points, self.swapper.topology, coverage, mask_box, face_size, within_oval=False
+        )
         rendered = match_colour(rendered, target, alpha, face_size)
         if small != (width, height):
             rendered = cv2.resize(rendered, (width, height), interpolation=cv2.INTER_LINEAR)

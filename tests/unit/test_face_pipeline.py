@@ -107,7 +107,9 @@ def test_swap_changes_the_face_and_nothing_outside_it(pipeline, astronaut_bgr, g
     assert box is not None
     x1, y1, x2, y2 = box
     _, coverage = pipeline.swapper.warp(source.face, mesh.points, box)
-    alpha = face_mask(mesh.points, pipeline.swapper.topology, coverage, box, mesh.size)
+    alpha = face_mask(
+        mesh.points, pipeline.swapper.topology, coverage, box, mesh.size, within_oval=False
+    )
 
     changed = np.any(swapped != astronaut_bgr, axis=2)
     outside = np.ones(changed.shape, dtype=bool)
@@ -168,6 +170,36 @@ def test_a_turned_face_takes_the_source_shape_on_its_near_side_only(
     near_side = oval[lateral < -0.5 * np.abs(lateral).max()]
     assert shift[near_side].max() > 3.0, "the near side should take the source's shape"
     assert shift[far_edge].max() < 0.25 * shift[near_side].max(), "the far outline moved"
+
+
+def test_a_turned_faces_nose_is_swapped_where_it_stands_past_the_oval(
+    pipeline, astronaut_bgr, group_bgr
+):
+    """Seen three-quarter, the fifth person's nose tip stands out past his far cheek's
+    outline: the mask follows the drawn mesh, so his own nose does not stay behind."""
+    import cv2
+
+    from livefuse.engines.blend import mask_outline
+
+    source = pipeline.prepare_source(astronaut_bgr).face
+    faces = pipeline.find_faces(group_bgr)
+    turned = min(faces, key=lambda f: np.linalg.norm(f.points[:, :2].mean(axis=0) - (956, 133)))
+    outline = mask_outline(turned.points, pipeline.swapper.topology).reshape(-1, 1, 2)
+    nose_tip = turned.points[1, :2]
+    past_oval = -cv2.pointPolygonTest(outline, tuple(map(float, nose_tip)), True)
+    assert past_oval > 3.0, "the fixture's turned face should show its nose past the oval"
+    # Shape transfer off: pixels change only where the mask lets the source through.
+    rigid = FacePipeline(
+        detector=pipeline.detector,
+        landmarker=pipeline.landmarker,
+        swapper=pipeline.swapper,
+        shape_strength=0.0,
+    )
+    swapped = rigid.swap_faces(group_bgr, source, [turned])
+    x, y = np.round(nose_tip).astype(int)
+    around_tip = (slice(y - 1, y + 2), slice(x - 1, x + 2))
+    change = np.abs(swapped[around_tip].astype(int) - group_bgr[around_tip]).mean()
+    assert change > 10, f"the nose tip kept the target's pixels (mean change {change:.1f})"
 
 
 @pytest.mark.parametrize("photo", ["astronaut_bgr", "hanks_bgr"])
