@@ -13,7 +13,13 @@ person becomes a 256x256 portrait (a crop twice the face's size). Some are sourc
 person is a target, in variants that make the swap (and the recogniser) work harder: rotated
 20 degrees each way, darkened to 45%, small (face ~50 px), lower face covered, mirrored.
 
+Those people are also what the tests use and what the swap was tuned on. `--targets heldout`
+swaps the sources onto people never used anywhere else instead: four photos of two people
+(Barack Obama three times, Joe Biden once) from the face_recognition 1.3.0 sdist's test
+images, in the same variants.
+
     python -m bench.identity_eval --json out/identity.json --sheet out/identity.png
+    python -m bench.identity_eval --sources all --targets heldout
     python -m bench.identity_eval --command 'cp -r {target} {output}'   # stand-in: no swap
 
 Before the numbers for the swap, it prints two baselines that are properties of the data and the
@@ -41,9 +47,15 @@ import cv2
 import numpy as np
 from skimage import data as skimage_data
 
+from livefuse.engines.registry import Distribution
 from livefuse.engines.store import sha256_file
 from livefuse.settings import Settings
-from tests.fixtures import INSIGHTFACE_IMAGES, fetch_insightface_images
+from tests.fixtures import (
+    INSIGHTFACE_IMAGES,
+    ImageFixture,
+    fetch_images,
+    fetch_insightface_images,
+)
 from tests.identity import (
     SAME_PERSON_THRESHOLD,
     Box,
@@ -62,6 +74,45 @@ T1_PEOPLE: Final = 6
 # The people in t1.jpg are named t1_1..t1_6 from left to right.
 IDENTITIES: Final = ("astronaut", "hanks", *(f"t1_{i}" for i in range(1, T1_PEOPLE + 1)))
 DEFAULT_SOURCES: Final = ("astronaut", "t1_1", "hanks")
+
+# The held-out targets: photos of two people no test, fixture or tuning run has used, from
+# the test images of the face_recognition 1.3.0 sdist (fetched pinned, never committed).
+# `--targets heldout` swaps the sources onto these instead of onto each other.
+FACE_RECOGNITION: Final = Distribution(
+    package="face-recognition",
+    version="1.3.0",
+    filename="face_recognition-1.3.0.tar.gz",
+    sha256="5e5efdd1686aa566af0d3cc1313b131e4b197657a8ffd03669e6d3fad92705ec",
+    size=3_182_249,
+    pip_args=("--no-binary=:all:",),
+)
+_HELDOUT_DIR: Final = "face_recognition-1.3.0/tests/test_images"
+HELDOUT_IMAGES: Final = {
+    # identity: the photo (obama2.jpg is a speech, obama3.jpg a full-length standing shot
+    # whose face is ~60 px; 32bit.png repeats obama2.jpg, and the partial faces are crops
+    # of obama.jpg, so neither is used).
+    "obama_a": ImageFixture(
+        "obama.jpg",
+        f"{_HELDOUT_DIR}/obama.jpg",
+        "0930e3aa8cae5920329c0c8cbc6a2ab70f47b0e67b432875beaa95cbf7e741f6",
+    ),
+    "obama_b": ImageFixture(
+        "obama2.jpg",
+        f"{_HELDOUT_DIR}/obama2.jpg",
+        "a7efcc907375274796f39646510704aa86672d59f6d5469d69af3c85590976a6",
+    ),
+    "obama_c": ImageFixture(
+        "obama3.jpg",
+        f"{_HELDOUT_DIR}/obama3.jpg",
+        "76ac6bf97c36dc2da0ad16a537d6a5ac1b10f48d49aac29a0cca9a17cdbc3ca3",
+    ),
+    "biden": ImageFixture(
+        "biden.jpg",
+        f"{_HELDOUT_DIR}/biden.jpg",
+        "3c17508bb91554c637a2eabddfae790e5bb1caba93130814fc2ac50be9760c4c",
+    ),
+}
+TARGET_SETS: Final = ("dev", "heldout")
 
 # A face region whose mean is below this is black, not dark: our darkest variant (45%) keeps
 # faces well above it.
@@ -184,6 +235,17 @@ def build_identities(recognizer: DlibRecognizer, photos: dict[str, Image]) -> li
         raise RuntimeError(f"expected {T1_PEOPLE} faces in t1.jpg, dlib finds {len(t1_faces)}")
     for i, face in enumerate(sorted(t1_faces), start=1):
         people.append(portrait(f"t1_{i}", photos["t1"], face))
+    return people
+
+
+def build_heldout(recognizer: DlibRecognizer) -> list[Portrait]:
+    """The held-out people (HELDOUT_IMAGES), each the largest face of their photo."""
+    dest = Settings().testdata_dir / "heldout"
+    paths = fetch_images(FACE_RECOGNITION, tuple(HELDOUT_IMAGES.values()), dest)
+    people = []
+    for name, path in zip(HELDOUT_IMAGES, paths, strict=True):
+        photo = _decode(path)
+        people.append(portrait(name, photo, _largest(recognizer.detect(photo)[0], path.name)))
     return people
 
 
@@ -678,6 +740,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " (astronaut, hanks, t1_1..t1_6: the people in t1.jpg left to right); default %(default)s",
     )
     parser.add_argument(
+        "--targets",
+        choices=TARGET_SETS,
+        default="dev",
+        help="dev: every source onto every other identity of the set above (what the swap was"
+        " tuned on); heldout: onto four photos of two people never used anywhere else"
+        " (face_recognition 1.3.0's test images); default %(default)s",
+    )
+    parser.add_argument(
         "--json", metavar="PATH", type=Path, help="write per-image rows and summaries here"
     )
     parser.add_argument(
@@ -828,8 +898,16 @@ def evaluate(args: argparse.Namespace, workdir: Path) -> int:
     recognizer = DlibRecognizer()
     portraits = {p.name: p for p in build_identities(recognizer, load_photos())}
     targets = [t for p in portraits.values() for t in make_targets(recognizer, p)]
-    faces = describe_targets(recognizer, targets)
-    same_person = same_person_distances(recognizer, faces)
+    source_faces = describe_targets(
+        recognizer, [t for t in targets if t.variant == "original" and t.identity in sources]
+    )
+    if args.targets == "heldout":
+        heldout = {p.name: p for p in build_heldout(recognizer)}
+        portraits.update(heldout)
+        targets = [t for p in heldout.values() for t in make_targets(recognizer, p)]
+    target_faces = describe_targets(recognizer, targets)
+    same_person = same_person_distances(recognizer, target_faces)
+    faces = {**source_faces, **target_faces}
 
     results = [
         swap_and_score(
@@ -852,7 +930,8 @@ def evaluate(args: argparse.Namespace, workdir: Path) -> int:
         "threshold": SAME_PERSON_THRESHOLD,
         "pass_rule": "d_source < threshold and d_source < d_target",
         "sources": sources,
-        "identities": list(portraits),
+        "targets": args.targets,
+        "identities": list(dict.fromkeys(t.identity for t in targets)),
         "variants": list(VARIANTS),
         "runs": [asdict(r.run) for r in results],
         "same_person": {"summary": same_summary, "rows": [asdict(r) for r in same_person]},

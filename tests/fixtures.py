@@ -72,16 +72,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
         Path(name).unlink(missing_ok=True)
 
 
-def fetch_insightface_images(testdata: Path) -> list[Path]:
-    testdata.mkdir(parents=True, exist_ok=True)
-    wanted = [
-        image
-        for image in INSIGHTFACE_IMAGES
-        if not _present(testdata / image.filename, image.sha256)
-    ]
+def fetch_images(
+    distribution: Distribution, images: tuple[ImageFixture, ...], dest: Path
+) -> list[Path]:
+    """`images` from the pinned `distribution`, checked by sha256, into `dest`; those already
+    there with the right sha256 are kept without touching the network."""
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = [image for image in images if not _present(dest / image.filename, image.sha256)]
     if wanted:
         with tempfile.TemporaryDirectory(prefix="livefuse-fixtures-") as scratch:
-            archive = fetch_distribution(INSIGHTFACE, Path(scratch))
+            archive = fetch_distribution(distribution, Path(scratch))
             with tarfile.open(archive) as tar:
                 for image in wanted:
                     member = tar.extractfile(image.member)
@@ -93,8 +93,12 @@ def fetch_insightface_images(testdata: Path) -> list[Path]:
                         raise ModelError(
                             f"{image.member} has sha256 {actual}, expected {image.sha256}"
                         )
-                    _write_atomic(testdata / image.filename, data)
-    return [testdata / image.filename for image in INSIGHTFACE_IMAGES]
+                    _write_atomic(dest / image.filename, data)
+    return [dest / image.filename for image in images]
+
+
+def fetch_insightface_images(testdata: Path) -> list[Path]:
+    return fetch_images(INSIGHTFACE, INSIGHTFACE_IMAGES, testdata)
 
 
 def write_astronaut(testdata: Path) -> Path:
