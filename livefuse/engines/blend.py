@@ -3,9 +3,10 @@
 Three steps, all on the face's box only:
 - mask: the swapper's coverage (the mesh's silhouette, which already leaves out the
   mouth opening, the eyes while the target blinks, and whatever of the source was
-  unusable; a square patch is clipped to the face oval), its top pulled down towards
-  the brows and faded softly across the forehead (the source's hairline never comes
-  along), eroded and feathered in proportion to the face's size;
+  unusable), inside the face oval with its top pulled down towards the brows and faded
+  softly across the forehead (the source's hairline never comes along); past the oval,
+  where a turned face's nose and far side stand out, the silhouette's rim only over the
+  target's skin; eroded and feathered in proportion to the face's size;
 - colour: the rendered face takes the target's skin tone and lighting (Lab mean and
   spread inside the mask, then the difference of the two faces' blurred lightness);
 - alpha blend in place.
@@ -78,26 +79,40 @@ def face_mask(
     box: tuple[int, int, int, int],
     face_size: float,
     *,
-    within_oval: bool = True,
+    target: np.ndarray | None = None,
 ) -> np.ndarray:
     """Feathered 0..1 float32 alpha over the box.
 
-    `within_oval` clips the coverage to the face oval: a square patch (inswapper's, the
-    enhancer's) needs it. The mesh swapper's coverage is already the drawn mesh's
-    silhouette, and on a turned face that silhouette reaches past the oval: the nose and
-    the far cheek stand out beyond the far outline, and clipping them leaves the target's
-    own nose profile in the picture (measured with dlib: the three-quarter target t1_5
-    went from 27/49 to 41/49 read as the source without the clip, BENCHMARKS.md).
+    The coverage is kept inside the face oval (its top lowered, see `mask_outline`). The
+    mesh swapper's coverage is the drawn mesh's silhouette, and on a turned face that
+    reaches past the oval: the nose, the far eye and the far cheek stand out beyond the far
+    outline, and clipping them leaves the target's own nose profile in the picture. Given
+    `target`, the frame's pixels over the box, the coverage past the oval is kept too,
+    except along the silhouette's rim where those pixels do not look like the face's own
+    skin: the fitted outline can lie a few pixels past the real profile, over the
+    background. A square patch (inswapper's, the enhancer's) passes no target and stays
+    inside the oval.
     """
     x1, y1, x2, y2 = box
     outline = mask_outline(points, topology)
     ramp = forehead_ramp(points, topology, box, outline)
     allowed = (coverage * ramp * 255).astype(np.uint8)
-    if within_oval:
-        outline_mask = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
-        corners = np.round((outline - (x1, y1)) * 16).astype(np.int32)
-        cv2.fillPoly(outline_mask, [corners], 255, cv2.LINE_AA, shift=4)
-        allowed = cv2.min(outline_mask, allowed)
+    inside_oval = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
+    corners = np.round((outline - (x1, y1)) * 16).astype(np.int32)
+    cv2.fillPoly(inside_oval, [corners], 255, cv2.LINE_AA, shift=4)
+    within = cv2.min(inside_oval, allowed)
+    if target is not None:
+        # Past the oval: deep inside the silhouette (a turned face's far eye and brow lie
+        # there) always; along its rim only over the target's skin; and only below the
+        # forehead's fade, where the lowered oval decides as for a square patch, so no
+        # hairline comes along.
+        skin = skin_like(target, (inside_oval == 255) & (coverage > 0.5))
+        keep = skin | (_silhouette_depth(coverage) >= face_size * RIM_FRACTION)
+        keep &= ramp >= 1
+        beyond = cv2.min(255 - inside_oval, allowed)
+        allowed = cv2.max(within, beyond * keep.astype(np.uint8))
+    else:
+        allowed = within
     erode = max(1, round(face_size * ERODE_FRACTION))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode + 1,) * 2)
     mask: np.ndarray = cv2.erode(allowed, kernel)
@@ -106,6 +121,44 @@ def face_mask(
     # Blurring lets the alpha bleed past the hard mask by about a sigma; pull it back in so
     # the feather lies inside the face, never over hair or background.
     return np.clip(alpha * 2 - 1, 0.0, 1.0)
+
+
+# The rim of the silhouette where coverage past the oval must lie over the target's skin,
+# as a fraction of the face size: the fitted outline of a turned face was seen up to 4-5%
+# past the real profile (t1.jpg's fifth person).
+RIM_FRACTION = 0.05
+# How far (in robust spreads of the face's own skin) a pixel's colour may lie from it and
+# still count as skin: chroma, and lightness darker or brighter (a lit nose tip is
+# brighter than the cheek, hair and shadowed background darker).
+_SKIN_CHROMA, _SKIN_DARKER, _SKIN_BRIGHTER = 2.5, 4.0, 5.0
+
+
+def _silhouette_depth(coverage: np.ndarray) -> np.ndarray:
+    """Per pixel, its distance (px) inside the outer edge of the coverage's silhouette."""
+    covered = (coverage > 0).astype(np.uint8)
+    contours, _ = cv2.findContours(covered, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(covered)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return np.asarray(cv2.distanceTransform(filled, cv2.DIST_L2, 3))
+
+
+def skin_like(image_bgr: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Bool per pixel: does it look like the skin sampled at `reference` (a bool map)?
+
+    Median and spread (1.4826 x median absolute deviation) in Lab: the sample may hold
+    brows, eyes and lips as well, which robust statistics ignore.
+    """
+    lab = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2LAB).astype(np.float32)
+    samples = lab[reference]
+    if len(samples) < 16:
+        return np.ones(image_bgr.shape[:2], dtype=bool)
+    centre = np.median(samples, axis=0)
+    spread = 1.4826 * np.median(np.abs(samples - centre), axis=0) + np.float32(2.0)
+    distance = (lab - centre) / spread
+    chroma = np.hypot(distance[..., 1], distance[..., 2])
+    skin = (chroma < _SKIN_CHROMA) & (distance[..., 0] > -_SKIN_DARKER)
+    skin &= distance[..., 0] < _SKIN_BRIGHTER
+    return np.asarray(skin)
 
 
 def match_colour(

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from livefuse.engines.align import mesh_keypoints
-from livefuse.engines.blend import alpha_blend, face_mask, mask_outline, match_colour
+from livefuse.engines.blend import alpha_blend, face_mask, match_colour
 from livefuse.engines.detector import CenterFaceDetector
 from livefuse.engines.identity import IdentityFace, IdentitySwapper
 from livefuse.engines.landmarks import FaceMeshLandmarker, FaceRegion
@@ -374,9 +374,10 @@ class FacePipeline:
             mask_points, mask_box = points, box
         self.timer.add("swap", started)
         started = time.perf_counter()
-        # The mesh's coverage is its own silhouette: no oval clip (see `face_mask`).
+        # The mesh's coverage is its own silhouette: past the oval it is kept over the
+        # target's skin (see `face_mask`).
         alpha = face_mask(
-            mask_points, self.swapper.topology, coverage, mask_box, face_size, within_oval=False
+            mask_points, self.swapper.topology, coverage, mask_box, face_size, target=target
         )
         rendered = match_colour(rendered, target, alpha, face_size)
         if small != (width, height):
@@ -389,7 +390,8 @@ class FacePipeline:
         self, frame_bgr: np.ndarray, source: IdentityFace, mesh: FaceMesh
     ) -> None:
         """inswapper on the face aligned by its mesh's five keypoints, blended through
-        the mesh swapper's own mask, colour match and feather."""
+        the same face mask (clipped to the oval: its patch is a square), colour match
+        and feather."""
         assert self.identity is not None
         box = face_box(mesh, frame_bgr.shape[:2])
         if box is None:
@@ -433,11 +435,12 @@ class FacePipeline:
         started = time.perf_counter()
         keypoints = mesh_keypoints(mesh.points, self.swapper.topology)
         occluding = self.parser.occluders(frame_bgr, keypoints, box)
-        # Only over the face: around it, the swap's own mask already keeps the target.
+        # Only over the face: around it, the swap's own mask already keeps the target. The
+        # mesh's hull, not its oval: a turned face's swapped nose stands out past the oval.
         x1, y1, x2, y2 = box
         inside = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
-        outline = mask_outline(mesh.points, self.swapper.topology) - (x1, y1)
-        cv2.fillPoly(inside, [np.round(outline).astype(np.int32)], 1)
+        hull = cv2.convexHull(np.round(mesh.points[:, :2] - (x1, y1)).astype(np.int32))
+        cv2.fillConvexPoly(inside, hull, 1)
         occluding *= inside
         self.timer.add("occlusion", started)
         if not occluding.any():

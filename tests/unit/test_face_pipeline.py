@@ -107,8 +107,9 @@ def test_swap_changes_the_face_and_nothing_outside_it(pipeline, astronaut_bgr, g
     assert box is not None
     x1, y1, x2, y2 = box
     _, coverage = pipeline.swapper.warp(source.face, mesh.points, box)
+    region = astronaut_bgr[y1:y2, x1:x2]
     alpha = face_mask(
-        mesh.points, pipeline.swapper.topology, coverage, box, mesh.size, within_oval=False
+        mesh.points, pipeline.swapper.topology, coverage, box, mesh.size, target=region
     )
 
     changed = np.any(swapped != astronaut_bgr, axis=2)
@@ -172,11 +173,12 @@ def test_a_turned_face_takes_the_source_shape_on_its_near_side_only(
     assert shift[far_edge].max() < 0.25 * shift[near_side].max(), "the far outline moved"
 
 
-def test_a_turned_faces_nose_is_swapped_where_it_stands_past_the_oval(
+def test_a_turned_faces_nose_is_swapped_but_not_the_background_beside_it(
     pipeline, astronaut_bgr, group_bgr
 ):
     """Seen three-quarter, the fifth person's nose tip stands out past his far cheek's
-    outline: the mask follows the drawn mesh, so his own nose does not stay behind."""
+    outline: the mask follows the drawn mesh, so his own nose does not stay behind, yet
+    stops at his real profile."""
     import cv2
 
     from livefuse.engines.blend import mask_outline
@@ -200,6 +202,16 @@ def test_a_turned_faces_nose_is_swapped_where_it_stands_past_the_oval(
     around_tip = (slice(y - 1, y + 2), slice(x - 1, x + 2))
     change = np.abs(swapped[around_tip].astype(int) - group_bgr[around_tip]).mean()
     assert change > 10, f"the nose tip kept the target's pixels (mean change {change:.1f})"
+
+    # The fitted outline lies a few pixels past his real profile, over the pale blue
+    # window behind him: none of that background may turn to skin.
+    lab = cv2.cvtColor(group_bgr, cv2.COLOR_BGR2LAB)
+    x1, y1, x2, y2 = (int(v) for v in turned.box)
+    near = (slice(y1 - 10, y2 + 10), slice(x1 - 10, x2 + 10))
+    background = lab[near][..., 2] < 125  # blue, where skin is yellow-red (b > 140)
+    assert background.sum() > 200, "the fixture should show the window beside his profile"
+    painted = np.abs(swapped[near].astype(int) - group_bgr[near]).sum(axis=2) > 40
+    assert painted[background].sum() <= 3, f"{painted[background].sum()} background px swapped"
 
 
 @pytest.mark.parametrize("photo", ["astronaut_bgr", "hanks_bgr"])
