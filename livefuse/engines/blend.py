@@ -106,11 +106,14 @@ def face_mask(
         # there) always; along its rim only over the target's skin; and only below the
         # forehead's fade, where the lowered oval decides as for a square patch, so no
         # hairline comes along.
-        skin = skin_like(target, (inside_oval == 255) & (coverage > 0.5))
-        keep = skin | (_silhouette_depth(coverage) >= face_size * RIM_FRACTION)
-        keep &= ramp >= 1
         beyond = cv2.min(255 - inside_oval, allowed)
-        allowed = cv2.max(within, beyond * keep.astype(np.uint8))
+        beyond[ramp < 1] = 0
+        rim = beyond > 0
+        if rim.any():
+            rim &= _silhouette_depth(coverage) < face_size * RIM_FRACTION
+            reference = (inside_oval == 255) & (coverage > 0.5)
+            beyond[rim & ~skin_like(target, reference, where=rim)] = 0
+        allowed = cv2.max(within, beyond)
     else:
         allowed = within
     erode = max(1, round(face_size * ERODE_FRACTION))
@@ -131,6 +134,7 @@ RIM_FRACTION = 0.05
 # still count as skin: chroma, and lightness darker or brighter (a lit nose tip is
 # brighter than the cheek, hair and shadowed background darker).
 _SKIN_CHROMA, _SKIN_DARKER, _SKIN_BRIGHTER = 2.5, 4.0, 5.0
+_SKIN_SAMPLES = 2000
 
 
 def _silhouette_depth(coverage: np.ndarray) -> np.ndarray:
@@ -142,23 +146,32 @@ def _silhouette_depth(coverage: np.ndarray) -> np.ndarray:
     return np.asarray(cv2.distanceTransform(filled, cv2.DIST_L2, 3))
 
 
-def skin_like(image_bgr: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def skin_like(
+    image_bgr: np.ndarray, reference: np.ndarray, *, where: np.ndarray | None = None
+) -> np.ndarray:
     """Bool per pixel: does it look like the skin sampled at `reference` (a bool map)?
+    Judged only at `where` (a bool map; every pixel if None), False elsewhere.
 
     Median and spread (1.4826 x median absolute deviation) in Lab: the sample may hold
-    brows, eyes and lips as well, which robust statistics ignore.
+    brows, eyes and lips as well, which robust statistics ignore. A few thousand pixels
+    of it give the same statistics as all of them, at a fraction of the cost.
     """
-    lab = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2LAB).astype(np.float32)
-    samples = lab[reference]
-    if len(samples) < 16:
-        return np.ones(image_bgr.shape[:2], dtype=bool)
+    lab = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2LAB)
+    judged = np.ones(image_bgr.shape[:2], dtype=bool) if where is None else where
+    sampled = np.flatnonzero(reference)
+    if len(sampled) < 16:
+        return judged.copy()
+    sampled = sampled[:: max(1, len(sampled) // _SKIN_SAMPLES)]
+    samples = lab.reshape(-1, 3)[sampled].astype(np.float32)
     centre = np.median(samples, axis=0)
     spread = 1.4826 * np.median(np.abs(samples - centre), axis=0) + np.float32(2.0)
-    distance = (lab - centre) / spread
-    chroma = np.hypot(distance[..., 1], distance[..., 2])
-    skin = (chroma < _SKIN_CHROMA) & (distance[..., 0] > -_SKIN_DARKER)
-    skin &= distance[..., 0] < _SKIN_BRIGHTER
-    return np.asarray(skin)
+    distance = (lab[judged].astype(np.float32) - centre) / spread
+    chroma = np.hypot(distance[:, 1], distance[:, 2])
+    skin = (chroma < _SKIN_CHROMA) & (distance[:, 0] > -_SKIN_DARKER)
+    skin &= distance[:, 0] < _SKIN_BRIGHTER
+    result = np.zeros(image_bgr.shape[:2], dtype=bool)
+    result[judged] = skin
+    return result
 
 
 def match_colour(
