@@ -134,7 +134,7 @@ RIM_FRACTION = 0.05
 # still count as skin: chroma, and lightness darker or brighter (a lit nose tip is
 # brighter than the cheek, hair and shadowed background darker).
 _SKIN_CHROMA, _SKIN_DARKER, _SKIN_BRIGHTER = 2.5, 4.0, 5.0
-_SKIN_SAMPLES = 2000
+_SKIN_SAMPLES = 600
 
 
 def _silhouette_depth(coverage: np.ndarray) -> np.ndarray:
@@ -154,23 +154,28 @@ def skin_like(
 
     Median and spread (1.4826 x median absolute deviation) in Lab: the sample may hold
     brows, eyes and lips as well, which robust statistics ignore. A few thousand pixels
-    of it give the same statistics as all of them, at a fraction of the cost.
+    of it give the same statistics as all of them, and only those and the judged ones
+    are converted to Lab: this runs per face per frame.
     """
-    lab = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2LAB)
-    judged = np.ones(image_bgr.shape[:2], dtype=bool) if where is None else where
+    height, width = image_bgr.shape[:2]
+    judged = np.ones((height, width), dtype=bool) if where is None else where
     sampled = np.flatnonzero(reference)
     if len(sampled) < 16:
         return judged.copy()
     sampled = sampled[:: max(1, len(sampled) // _SKIN_SAMPLES)]
-    samples = lab.reshape(-1, 3)[sampled].astype(np.float32)
+    judged_at = np.flatnonzero(judged)
+    at = np.concatenate([sampled, judged_at])
+    pixels = image_bgr[at // width, at % width][None]  # one row of BGR pixels
+    lab = cv2.cvtColor(pixels, cv2.COLOR_BGR2LAB)[0].astype(np.float32)
+    samples, candidates = lab[: len(sampled)], lab[len(sampled) :]
     centre = np.median(samples, axis=0)
     spread = 1.4826 * np.median(np.abs(samples - centre), axis=0) + np.float32(2.0)
-    distance = (lab[judged].astype(np.float32) - centre) / spread
+    distance = (candidates - centre) / spread
     chroma = np.hypot(distance[:, 1], distance[:, 2])
     skin = (chroma < _SKIN_CHROMA) & (distance[:, 0] > -_SKIN_DARKER)
     skin &= distance[:, 0] < _SKIN_BRIGHTER
-    result = np.zeros(image_bgr.shape[:2], dtype=bool)
-    result[judged] = skin
+    result = np.zeros((height, width), dtype=bool)
+    result.flat[judged_at] = skin
     return result
 
 
