@@ -90,8 +90,7 @@ def face_mask(
     `target`, the frame's pixels over the box, the coverage past the oval is kept too,
     except along the silhouette's rim where those pixels do not look like the face's own
     skin: the fitted outline can lie a few pixels past the real profile, over the
-    background. A square patch (inswapper's, the enhancer's) passes no target and stays
-    inside the oval.
+    background. A square patch (inswapper's) passes no target and stays inside the oval.
     """
     x1, y1, x2, y2 = box
     outline = mask_outline(points, topology)

@@ -83,6 +83,15 @@ class StageTimer:
 
 
 @dataclass(frozen=True)
+class BlendedRegion:
+    """Where a swap was blended into the frame: its box (x1, y1, x2, y2) and the 0..1
+    alpha it was blended with over that box."""
+
+    box: tuple[int, int, int, int]
+    alpha: np.ndarray
+
+
+@dataclass(frozen=True)
 class PreparedSource:
     face: SourceFace
     faces_in_image: int
@@ -324,14 +333,15 @@ class FacePipeline:
         if not np.isfinite(mesh.points).all():
             return  # a broken fit: leave the face as it is
         kept = self._find_occluders(frame_bgr, mesh) if occlusion else None
+        swapped: BlendedRegion | None
         if isinstance(source, IdentityFace) and self.identity is not None:
-            self._swap_identity_in_place(frame_bgr, source, mesh)
+            swapped = self._swap_identity_in_place(frame_bgr, source, mesh)
         else:
-            self._swap_mesh_in_place(
+            swapped = self._swap_mesh_in_place(
                 frame_bgr, source, mesh, scale=scale, shape_transfer=shape_transfer
             )
-        if enhance and self.enhancer is not None:
-            self._enhance_in_place(frame_bgr, mesh)
+        if enhance and self.enhancer is not None and swapped is not None:
+            self._enhance_in_place(frame_bgr, mesh, swapped)
         if kept is not None:
             box, original, occluding = kept
             x1, y1, x2, y2 = box
@@ -345,13 +355,14 @@ class FacePipeline:
         *,
         scale: float,
         shape_transfer: bool,
-    ) -> None:
+    ) -> BlendedRegion | None:
+        """The mesh swap, blended in place; where it blended, or None if off-frame."""
         started = time.perf_counter()
         strength = self.shape_strength if shape_transfer else 0.0
         points = self.swapper.transfer_shape(source, mesh.points, strength)
         box = face_box(FaceMesh(points=points, presence=mesh.presence), frame_bgr.shape[:2])
         if box is None:
-            return
+            return None
         x1, y1, x2, y2 = box
         raster = None
         if points is not mesh.points:  # transfer_shape hands back the same array when off
@@ -385,17 +396,18 @@ class FacePipeline:
             alpha = cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
         alpha_blend(region, rendered, alpha)
         self.timer.add("blend", started)
+        return BlendedRegion(box, alpha)
 
     def _swap_identity_in_place(
         self, frame_bgr: np.ndarray, source: IdentityFace, mesh: FaceMesh
-    ) -> None:
+    ) -> BlendedRegion | None:
         """inswapper on the face aligned by its mesh's five keypoints, blended through
         the same face mask (clipped to the oval: its patch is a square), colour match
         and feather."""
         assert self.identity is not None
         box = face_box(mesh, frame_bgr.shape[:2])
         if box is None:
-            return
+            return None
         started = time.perf_counter()
         keypoints = mesh_keypoints(mesh.points, self.swapper.topology)
         rendered, coverage = self.identity.render(frame_bgr, source, keypoints, box)
@@ -407,19 +419,20 @@ class FacePipeline:
         rendered = match_colour(rendered, region, alpha, mesh.size)
         alpha_blend(region, rendered, alpha)
         self.timer.add("blend", started)
+        return BlendedRegion(box, alpha)
 
-    def _enhance_in_place(self, frame_bgr: np.ndarray, mesh: FaceMesh) -> None:
-        """Restore the swapped face's detail, through the same face mask."""
+    def _enhance_in_place(
+        self, frame_bgr: np.ndarray, mesh: FaceMesh, swapped: BlendedRegion
+    ) -> None:
+        """Restore the swapped face's detail, through the swap's own mask: exactly what
+        was swapped is enhanced (a turned face's nose past the oval included), nothing
+        around it."""
         assert self.enhancer is not None
-        box = face_box(mesh, frame_bgr.shape[:2])
-        if box is None:
-            return
         started = time.perf_counter()
         keypoints = mesh_keypoints(mesh.points, self.swapper.topology)
-        restored, coverage = self.enhancer.enhance(frame_bgr, keypoints, box)
-        x1, y1, x2, y2 = box
-        alpha = face_mask(mesh.points, self.swapper.topology, coverage, box, mesh.size)
-        alpha_blend(frame_bgr[y1:y2, x1:x2], restored, alpha)
+        restored, coverage = self.enhancer.enhance(frame_bgr, keypoints, swapped.box)
+        x1, y1, x2, y2 = swapped.box
+        alpha_blend(frame_bgr[y1:y2, x1:x2], restored, coverage * swapped.alpha)
         self.timer.add("enhance", started)
 
     def _find_occluders(
