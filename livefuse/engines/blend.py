@@ -105,8 +105,10 @@ def face_mask(
         # there) always; along its rim only over the target's skin; and only below the
         # forehead's fade, where the lowered oval decides as for a square patch, so no
         # hairline comes along.
-        beyond = cv2.min(255 - inside_oval, allowed)
-        beyond[ramp < 1] = 0
+        # The oval's anti-aliased edge counts as past it: split between the two, a pixel
+        # there would get about half of each and leave a faint line across the nose.
+        beyond = allowed.copy()
+        beyond[(inside_oval == 255) | (ramp < 1)] = 0
         rim = beyond > 0
         if rim.any():
             rim &= _silhouette_depth(coverage) < face_size * RIM_FRACTION
@@ -152,16 +154,18 @@ def skin_like(
     Judged only at `where` (a bool map; every pixel if None), False elsewhere.
 
     Median and spread (1.4826 x median absolute deviation) in Lab: the sample may hold
-    brows, eyes and lips as well, which robust statistics ignore. A few thousand pixels
-    of it give the same statistics as all of them, and only those and the judged ones
-    are converted to Lab: this runs per face per frame.
+    brows, eyes and lips as well, which robust statistics ignore. `_SKIN_SAMPLES` pixels
+    of it, drawn at random (seeded, so a frame always gives the same answer), give the
+    same statistics as all of them, and only those and the judged ones are converted to
+    Lab: this runs per face per frame. With too small a sample nothing counts as skin.
     """
     height, width = image_bgr.shape[:2]
     judged = np.ones((height, width), dtype=bool) if where is None else where
     sampled = np.flatnonzero(reference)
     if len(sampled) < 16:
-        return judged.copy()
-    sampled = sampled[:: max(1, len(sampled) // _SKIN_SAMPLES)]
+        return np.zeros((height, width), dtype=bool)
+    if len(sampled) > _SKIN_SAMPLES:
+        sampled = np.random.default_rng(0).choice(sampled, _SKIN_SAMPLES, replace=False)
     judged_at = np.flatnonzero(judged)
     at = np.concatenate([sampled, judged_at])
     pixels = image_bgr[at // width, at % width][None]  # one row of BGR pixels

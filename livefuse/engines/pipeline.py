@@ -82,13 +82,15 @@ class StageTimer:
         return {k: self.totals_ms[k] / max(1, self.counts[k]) for k in self.totals_ms}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BlendedRegion:
-    """Where a swap was blended into the frame: its box (x1, y1, x2, y2) and the 0..1
-    alpha it was blended with over that box."""
+    """Where a swap was blended into the frame: its box (x1, y1, x2, y2), the 0..1 alpha
+    it was blended with over that box, and the face's points as drawn there (moved by
+    the shape transfer)."""
 
     box: tuple[int, int, int, int]
     alpha: np.ndarray
+    points: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -341,7 +343,7 @@ class FacePipeline:
                 frame_bgr, source, mesh, scale=scale, shape_transfer=shape_transfer
             )
         if enhance and self.enhancer is not None and swapped is not None:
-            self._enhance_in_place(frame_bgr, mesh, swapped)
+            self._enhance_in_place(frame_bgr, swapped)
         if kept is not None:
             box, original, occluding = kept
             x1, y1, x2, y2 = box
@@ -396,7 +398,7 @@ class FacePipeline:
             alpha = cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
         alpha_blend(region, rendered, alpha)
         self.timer.add("blend", started)
-        return BlendedRegion(box, alpha)
+        return BlendedRegion(box, alpha, points)
 
     def _swap_identity_in_place(
         self, frame_bgr: np.ndarray, source: IdentityFace, mesh: FaceMesh
@@ -419,17 +421,16 @@ class FacePipeline:
         rendered = match_colour(rendered, region, alpha, mesh.size)
         alpha_blend(region, rendered, alpha)
         self.timer.add("blend", started)
-        return BlendedRegion(box, alpha)
+        return BlendedRegion(box, alpha, mesh.points)
 
-    def _enhance_in_place(
-        self, frame_bgr: np.ndarray, mesh: FaceMesh, swapped: BlendedRegion
-    ) -> None:
+    def _enhance_in_place(self, frame_bgr: np.ndarray, swapped: BlendedRegion) -> None:
         """Restore the swapped face's detail, through the swap's own mask: exactly what
         was swapped is enhanced (a turned face's nose past the oval included), nothing
         around it."""
         assert self.enhancer is not None
         started = time.perf_counter()
-        keypoints = mesh_keypoints(mesh.points, self.swapper.topology)
+        # Aligned by the face as it now is: the shape transfer moved its eyes and mouth.
+        keypoints = mesh_keypoints(swapped.points, self.swapper.topology)
         restored, coverage = self.enhancer.enhance(frame_bgr, keypoints, swapped.box)
         x1, y1, x2, y2 = swapped.box
         alpha_blend(frame_bgr[y1:y2, x1:x2], restored, coverage * swapped.alpha)

@@ -348,3 +348,34 @@ def test_reshape_ring_constant_matches_the_test(pipeline):
 
     # The ring test above allows 1.4x the oval; the swapper's ring must lie inside it.
     assert swapper._RESHAPE_RING < 1.4
+
+
+def test_no_seam_where_the_mask_crosses_the_face_oval(pipeline, group_bgr):
+    """Past the oval the mask keeps the target's skin; where it crosses the oval's own
+    (anti-aliased) edge it must not dip, or a faint line shows across a turned nose."""
+    from livefuse.engines.blend import face_mask, mask_outline
+
+    faces = pipeline.find_faces(group_bgr)
+    turned = min(faces, key=lambda f: np.linalg.norm(f.points[:, :2].mean(axis=0) - (956, 133)))
+    box = face_box(turned, group_bgr.shape[:2])
+    assert box is not None
+    x1, y1, x2, y2 = box
+    width, height = x2 - x1, y2 - y1
+    # Everything covered, and every pixel the same skin: nothing past the oval is refused.
+    coverage = np.ones((height, width), dtype=np.float32)
+    skin = np.empty((height, width, 3), dtype=np.uint8)
+    skin[:] = (120, 150, 200)
+    topology = pipeline.swapper.topology
+    alpha = face_mask(turned.points, topology, coverage, box, turned.size, target=skin)
+    # The oval's outline from the brows down, well inside the box.
+    outline = mask_outline(turned.points, topology) - (x1, y1)
+    brow_row = float(turned.points[topology.brows, 1].max()) - y1
+    margin = 0.15 * turned.size
+    on_line = [
+        (x, y)
+        for x, y in np.round(outline).astype(int)
+        if y > brow_row and margin < x < width - margin and margin < y < height - margin
+    ]
+    assert len(on_line) > 5
+    values = np.array([alpha[y, x] for x, y in on_line])
+    assert values.min() > 0.95, f"the mask dips to {values.min():.2f} on the oval's line"
