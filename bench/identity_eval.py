@@ -48,7 +48,7 @@ import numpy as np
 from skimage import data as skimage_data
 
 from livefuse.engines.registry import Distribution
-from livefuse.engines.store import sha256_file
+from livefuse.engines.store import ModelError, sha256_file
 from livefuse.settings import Settings
 from tests.fixtures import (
     INSIGHTFACE_IMAGES,
@@ -966,11 +966,15 @@ def evaluate(args: argparse.Namespace, workdir: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
-        return evaluate(args, args.keep.resolve())
-    with tempfile.TemporaryDirectory(prefix="livefuse-identity-") as tmp:
-        return evaluate(args, Path(tmp))
+    try:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            return evaluate(args, args.keep.resolve())
+        with tempfile.TemporaryDirectory(prefix="livefuse-identity-") as tmp:
+            return evaluate(args, Path(tmp))
+    except ModelError as error:  # a pinned photo could not be fetched or did not match
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
