@@ -104,9 +104,9 @@ def face_mask(
         # Past the oval: deep inside the silhouette (a turned face's far eye and brow lie
         # there) always; along its rim only over the target's skin; and only below the
         # forehead's fade, where the lowered oval decides as for a square patch, so no
-        # hairline comes along.
-        # The oval's anti-aliased edge counts as past it: split between the two, a pixel
-        # there would get about half of each and leave a faint line across the nose.
+        # hairline comes along. The oval's anti-aliased edge counts as past it: split
+        # between the two, a pixel there would get about half of each and leave a faint
+        # line across the nose.
         beyond = allowed.copy()
         beyond[(inside_oval == 255) | (ramp < 1)] = 0
         rim = beyond > 0
