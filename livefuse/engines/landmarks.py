@@ -2,12 +2,16 @@
 
 The model was trained on upright faces filling a 192 px square with a margin, so each
 face is cut out by an affine warp that removes its roll (the eye line is made
-horizontal) and scales it to the crop. Faces are batched into one forward pass.
+horizontal) and scales it to the crop. The model family is three pure steps around a
+batched forward pass: `crop_faces` (pre-process), the engine's `run`, `decode_meshes`
+(post-process); `landmarks_batch` runs the faces of several frames in one pass.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -72,40 +76,79 @@ class FaceRegion:
         )
 
 
+def crop_faces(frame_bgr: np.ndarray, regions: Sequence[FaceRegion], out: np.ndarray) -> None:
+    """Pre-process: each region's roll-corrected crop, RGB in [0, 1], channels first, into
+    `out[i]` (N, 3, CROP_SIZE, CROP_SIZE) float32."""
+    for i, region in enumerate(regions):
+        crop = cv2.warpAffine(
+            frame_bgr,
+            region.crop_to_frame(),
+            (CROP_SIZE, CROP_SIZE),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+        )
+        out[i] = crop[:, :, ::-1].transpose(2, 0, 1) * np.float32(1 / 255)
+
+
+def decode_meshes(
+    raw_points: np.ndarray, raw_presence: np.ndarray, regions: Sequence[FaceRegion]
+) -> list[FaceMesh]:
+    """Post-process: the forward pass's points (in crop pixels) back in frame pixels, and
+    its presence logit as a probability; one mesh per region, in order."""
+    count = len(regions)
+    points_in_crop = raw_points.reshape(count, -1, 3)[:, :468]
+    presence = 1 / (1 + np.exp(-raw_presence.reshape(count)))
+    meshes = []
+    for i, region in enumerate(regions):
+        affine = region.crop_to_frame()
+        xy = points_in_crop[i, :, :2] @ affine[:, :2].T + affine[:, 2]
+        z = points_in_crop[i, :, 2:3] * (region.side / CROP_SIZE)
+        points = np.concatenate([xy, z], axis=1).astype(np.float32)
+        meshes.append(FaceMesh(points=points, presence=float(presence[i])))
+    return meshes
+
+
 class FaceMeshLandmarker:
     def __init__(self, engine: Engine, *, presence_threshold: float = 0.5) -> None:
         self._engine = engine
         self._input_name = engine.inputs[0].name
         self.presence_threshold = presence_threshold
+        # One input batch per thread, grown to the largest batch seen and reused: the
+        # frame engine's worker and the source preparation may fit faces at the same time.
+        self._buffers = threading.local()
 
-    def landmarks(self, frame_bgr: np.ndarray, regions: list[FaceRegion]) -> list[FaceMesh]:
+    def landmarks(self, frame_bgr: np.ndarray, regions: Sequence[FaceRegion]) -> list[FaceMesh]:
         """One mesh per region, in the same order; check `presence` to drop lost faces."""
-        if not regions:
-            return []
-        batch = np.empty((len(regions), 3, CROP_SIZE, CROP_SIZE), dtype=np.float32)
-        to_frame = []
-        for i, region in enumerate(regions):
-            crop_to_frame = region.crop_to_frame()
-            to_frame.append(crop_to_frame)
-            crop = cv2.warpAffine(
-                frame_bgr,
-                crop_to_frame,
-                (CROP_SIZE, CROP_SIZE),
-                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                borderMode=cv2.BORDER_CONSTANT,
-            )
-            # RGB in [0, 1], channels first.
-            batch[i] = crop[:, :, ::-1].transpose(2, 0, 1) * np.float32(1 / 255)
+        return self.landmarks_batch([(frame_bgr, regions)])[0]
 
+    def landmarks_batch(
+        self, requests: Sequence[tuple[np.ndarray, Sequence[FaceRegion]]]
+    ) -> list[list[FaceMesh]]:
+        """The regions of several frames (one session's frame each, say) in one forward
+        pass: for each (frame, regions) request, its meshes in order."""
+        total = sum(len(regions) for _, regions in requests)
+        if total == 0:
+            return [[] for _ in requests]
+        batch = self._input_batch(total)
+        start = 0
+        for frame_bgr, regions in requests:
+            crop_faces(frame_bgr, regions, batch[start : start + len(regions)])
+            start += len(regions)
         raw_points, raw_presence = self._engine.run({self._input_name: batch})
-        raw_points = raw_points.reshape(len(regions), -1, 3)[:, :468]
-        presence = 1 / (1 + np.exp(-raw_presence.reshape(len(regions))))
+        raw_points = raw_points.reshape(total, -1)
+        raw_presence = raw_presence.reshape(total)
+        results = []
+        start = 0
+        for _, regions in requests:
+            stop = start + len(regions)
+            results.append(decode_meshes(raw_points[start:stop], raw_presence[start:stop], regions))
+            start = stop
+        return results
 
-        meshes = []
-        for i, affine in enumerate(to_frame):
-            xy = raw_points[i, :, :2] @ affine[:, :2].T + affine[:, 2]
-            scale = regions[i].side / CROP_SIZE
-            z = raw_points[i, :, 2:3] * scale
-            points = np.concatenate([xy, z], axis=1).astype(np.float32)
-            meshes.append(FaceMesh(points=points, presence=float(presence[i])))
-        return meshes
+    def _input_batch(self, count: int) -> np.ndarray:
+        """A (count, 3, CROP_SIZE, CROP_SIZE) view of this thread's input buffer."""
+        buffer: np.ndarray | None = getattr(self._buffers, "batch", None)
+        if buffer is None or len(buffer) < count:
+            buffer = np.empty((count, 3, CROP_SIZE, CROP_SIZE), dtype=np.float32)
+            self._buffers.batch = buffer
+        return buffer[:count]
