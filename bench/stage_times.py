@@ -20,10 +20,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from livefuse.cli.bench import device_description
 from livefuse.engines.pipeline import FacePipeline, StageTimer
 from livefuse.engines.store import ModelStore
 from livefuse.settings import Settings
-from livefuse.web.bench_command import device_description
 
 _WARMUP_RUNS = 3
 

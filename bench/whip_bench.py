@@ -396,7 +396,7 @@ def main() -> int:
     parser.add_argument("--source", type=Path, required=True)
     parser.add_argument(
         "--serve",
-        default=f"{sys.executable} -m livefuse.web.cli serve --port {{port}}",
+        default=f"{sys.executable} -m livefuse.cli.main serve --port {{port}}",
         help="command that starts the server under test; {port} is filled in",
     )
     parser.add_argument("--seconds", type=float, default=20.0)

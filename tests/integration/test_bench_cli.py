@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from livefuse.web.cli import main
+from livefuse.cli.main import main
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
+from livefuse.cli.main import main
 from livefuse.engines.images import ImageTooLargeError, NotAnImageError, decode_image
-from livefuse.web.cli import main
 
 
 def swap(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:

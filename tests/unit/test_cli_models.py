@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from livefuse import __version__
+from livefuse.cli.main import build_parser, main
 from livefuse.engines.registry import MODELS
 from livefuse.engines.store import ModelStore
-from livefuse.web.cli import build_parser, main
 
 
 @pytest.fixture

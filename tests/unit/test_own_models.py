@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from livefuse.cli import models as models_command
+from livefuse.cli.main import main
 from livefuse.engines.registry import KNOWN_MODELS, OWN_MODELS, KnownFile, OwnSource
 from livefuse.engines.store import (
     ModelCorruptError,
@@ -28,8 +30,6 @@ from livefuse.engines.store import (
     sha256_file,
 )
 from livefuse.settings import Settings
-from livefuse.web import models_command
-from livefuse.web.cli import main
 from livefuse.web.model_pull import pull, register
 from tests.own_models import make_arcface, make_inswapper, make_scrfd
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from livefuse.web.cli import main
-from livefuse.web.serve_command import is_loopback
+from livefuse.cli.main import main
+from livefuse.cli.serve import is_loopback
 
 
 @pytest.mark.parametrize(

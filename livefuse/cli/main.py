@@ -16,9 +16,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from livefuse import __version__
+from livefuse.cli import models
 from livefuse.engines.store import ModelError
 from livefuse.settings import Settings
-from livefuse.web import models_command
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 
@@ -38,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(print_usage=parser.print_help)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    models = commands.add_parser(
+    models_parser = commands.add_parser(
         "models", help="list, pull and verify the models", description="Manage cached models."
     )
-    models_command.add_arguments(models)
+    models.add_arguments(models_parser)
 
     swap = commands.add_parser(
         "swap",
@@ -160,23 +160,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "models":
-            return models_command.run(args, settings)
+            return models.run(args, settings)
         if args.command == "swap":
-            from livefuse.web import swap_command
+            from livefuse.cli import swap
 
-            return swap_command.run(args, settings)
+            return swap.run(args, settings)
         if args.command == "bench":
-            from livefuse.web import bench_command
+            from livefuse.cli import bench
 
-            return bench_command.run(args, settings)
+            return bench.run(args, settings)
         if args.command == "clip":
-            from livefuse.web import clip_command
+            from livefuse.cli import clip
 
-            return clip_command.run(args, settings)
+            return clip.run(args, settings)
         if args.command == "serve":
-            from livefuse.web import serve_command
+            from livefuse.cli import serve
 
-            return serve_command.run(args, settings)
+            return serve.run(args, settings)
     except ModelError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
