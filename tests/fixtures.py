@@ -19,10 +19,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from livefuse.engines.fetch import fetch_distribution
 from livefuse.engines.registry import Distribution
 from livefuse.engines.store import ModelError, sha256_file
 from livefuse.settings import Settings
-from livefuse.web.model_pull import fetch_distribution
 
 INSIGHTFACE = Distribution(
     package="insightface",

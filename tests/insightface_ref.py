@@ -16,8 +16,8 @@ import tempfile
 import types
 from pathlib import Path
 
+from livefuse.engines.fetch import fetch_distribution
 from livefuse.settings import Settings
-from livefuse.web.model_pull import fetch_distribution
 from tests.fixtures import INSIGHTFACE
 
 _PACKAGES = ("insightface", "insightface.utils", "insightface.model_zoo")

@@ -11,10 +11,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from tqdm import tqdm
 
+from livefuse.engines.fetch import PullEvent, pull, register
 from livefuse.engines.registry import KNOWN_MODELS, OwnSource, PackageSource
 from livefuse.engines.store import ModelError, ModelStatus, ModelStore
 from livefuse.settings import Settings
-from livefuse.web.model_pull import PullEvent, pull, register
 
 _STATE_STYLE = {"ok": "green", "missing": "yellow", "corrupt": "red"}
 _NOT_REGISTERED = "not registered"

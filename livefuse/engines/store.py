@@ -1,6 +1,6 @@
 """The on-disk model cache: verify, hand out paths, and write what a pull produced.
 
-Nothing here reaches the network. Fetching the pinned inputs is `livefuse.web.model_pull`;
+Nothing here reaches the network. Fetching the pinned inputs is `livefuse.engines.fetch`;
 it hands each fetched member to `convert_member` (see `livefuse.engines.registry` for what
 each converter makes) and the result to `ModelStore.commit`, which writes it atomically
 beside a sidecar `<file>.json` recording the produced file's sha256 and where it came from.

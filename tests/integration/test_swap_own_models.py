@@ -13,13 +13,13 @@ import pytest
 
 from livefuse.cli.main import main
 from livefuse.engines import pipeline as pipeline_module
+from livefuse.engines.fetch import register
 from livefuse.engines.pipeline import FacePipeline, StageTimer
 from livefuse.engines.registry import KNOWN_MODELS, MODELS, KnownFile, OwnSource
 from livefuse.engines.scrfd import SCRFDDetector
 from livefuse.engines.store import ModelStore
 from livefuse.stream.realtime import RealtimePipeline
 from livefuse.stream.tracker_process import TrackerProcess
-from livefuse.web.model_pull import register
 from tests.own_models import (
     make_arcface,
     make_enhancer,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import identity_eval
-from livefuse.web.model_pull import FetchError
+from livefuse.engines.fetch import FetchError
 
 
 def test_heldout_photos_are_pinned_members_of_the_pinned_sdist() -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from livefuse.cli import models as models_command
 from livefuse.cli.main import main
+from livefuse.engines.fetch import pull, register
 from livefuse.engines.registry import KNOWN_MODELS, OWN_MODELS, KnownFile, OwnSource
 from livefuse.engines.store import (
     ModelCorruptError,
@@ -30,7 +31,6 @@ from livefuse.engines.store import (
     sha256_file,
 )
 from livefuse.settings import Settings
-from livefuse.web.model_pull import pull, register
 from tests.own_models import make_arcface, make_inswapper, make_scrfd
 
 

@@ -1,5 +1,5 @@
 """The model store against the real cache that `make install` pulled, and real pulls
-(`livefuse.web.model_pull`, which fetches what the store converts and keeps)."""
+(`livefuse.engines.fetch`, which fetches what the store converts and keeps)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from livefuse.engines.fetch import pull
 from livefuse.engines.registry import (
     MODELS,
     ModelSpec,
@@ -28,7 +29,6 @@ from livefuse.engines.store import (
     UnknownModelError,
     sha256_file,
 )
-from livefuse.web.model_pull import pull
 
 
 def copy_models(store: ModelStore, dest: Path, names: list[str]) -> ModelStore:

