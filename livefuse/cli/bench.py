@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from livefuse.engines.backend import BackendUnavailable, select_backend
 from livefuse.engines.images import ImageError, read_image
 from livefuse.engines.pipeline import FacePipeline, NoFaceError
 from livefuse.engines.store import ModelStore
@@ -57,6 +58,11 @@ def device_description() -> str:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        backend = select_backend(args.backend, threads=_THREADS_PER_STAGE)
+    except BackendUnavailable as error:
+        _say(str(error))
+        return EXIT_BAD_INPUT
     limits = {"max_bytes": settings.max_image_bytes, "max_pixels": settings.max_image_pixels}
     try:
         source_image = read_image(args.source, **limits)
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             pipeline.close()
     result: dict[str, Any] = {
         "device": device_description(),
-        "backend": "cpu",
+        "backend": backend.name,
         "mode": mode,
         "quality": args.quality,
         "faces": args.faces,

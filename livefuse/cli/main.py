@@ -2,7 +2,9 @@
 
 Settings are read here, once, and passed to each command. Commands are imported lazily so
 `livefuse models ...` never pays for the pipeline's imports. A `ModelError` anywhere is
-reported as its one line on stderr with exit status 2, never a traceback.
+reported as its one line on stderr with exit status 2, never a traceback. `serve`, `swap`
+and `bench` take `--backend auto|cpu|cuda` and each picks its backend once, at start
+(`livefuse.engines.backend.select_backend`); one that cannot run here is one line, status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import ValidationError
 
 from livefuse import __version__
 from livefuse.cli import models
+from livefuse.engines.backend import BACKEND_CHOICES
 from livefuse.engines.store import ModelError
 from livefuse.settings import Settings
 
@@ -28,6 +31,15 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
+
+
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="where the models run: auto (the best this machine has), cpu or cuda",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep hands, glasses and hair over the face (bring your own: face_parser)",
     )
+    _add_backend(swap)
 
     bench = commands.add_parser(
         "bench",
@@ -104,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run the clip as N concurrent streams (default 1)",
     )
+    _add_backend(bench)
 
     clip = commands.add_parser(
         "clip",
@@ -133,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
-    serve.add_argument("--backend", choices=("auto", "cpu", "tensorrt", "torch"), default="auto")
+    _add_backend(serve)
     serve.add_argument("--max-sessions", type=int, default=None, metavar="N")
     serve.add_argument("--token", default=None, metavar="T", help="Bearer token for the API")
     serve.add_argument(

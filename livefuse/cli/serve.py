@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from livefuse.engines.backend import Backend, BackendUnavailable, select_backend
 from livefuse.settings import Settings
 from livefuse.web.app import SERVICE_KEY, create_app
 
 EXIT_OK, EXIT_USAGE = 0, 2
-BACKENDS = ("auto", "cpu", "tensorrt", "torch")
 
 
 def _say(message: str) -> None:
@@ -50,11 +50,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if value is not None
     }
     settings = settings.model_copy(update=updates)
-    if args.backend in ("tensorrt", "torch"):
-        _say(
-            f"the {args.backend} backend is not available in this build; "
-            "use --backend cpu (or auto)"
-        )
+    try:
+        backend = select_backend(args.backend, threads=settings.threads)
+    except BackendUnavailable as error:
+        _say(str(error))
         return EXIT_USAGE
     if settings.max_sessions < 1:
         _say("--max-sessions must be at least 1")
@@ -71,7 +70,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    return _run_loop(_serve(settings))
+    return _run_loop(_serve(settings, backend))
 
 
 def _run_loop(main: object) -> int:
@@ -86,7 +85,7 @@ def _run_loop(main: object) -> int:
         return runner.run(main)  # type: ignore[arg-type]
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, backend: Backend) -> int:
     app = create_app(settings)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
@@ -105,6 +104,7 @@ async def _serve(settings: Settings) -> int:
     shown = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{shown}:{port}"
     print(f"livefuse is serving at {base}/", flush=True)
+    print(f"  models run on the {backend.name} backend", flush=True)
     print(f"  OBS WHIP output: server {base}/whip  (viewers: {base}/watch/SESSION)", flush=True)
     if settings.token:
         print("  a Bearer token is required on /api, /whip and /whep", flush=True)

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from livefuse.engines.backend import Backend, BackendUnavailable, select_backend
 from livefuse.engines.images import IMAGE_SUFFIXES, ImageError, read_image
 from livefuse.engines.pipeline import FacePipeline, FaceSelection, NoFaceError
 from livefuse.engines.store import ModelStore
@@ -44,6 +45,11 @@ def _say(message: str) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        backend = select_backend(args.backend, threads=settings.threads)
+    except BackendUnavailable as error:
+        _say(str(error))
+        return EXIT_BAD_INPUT
     limits = {"max_bytes": settings.max_image_bytes, "max_pixels": settings.max_image_pixels}
     source_path: Path = args.source
     target: Path = args.target
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _swap_image_file(pipeline, prepared.face, target, output, faces, limits, report)
         _print_batch_report(report, output)
         return EXIT_BAD_INPUT if report.failed else EXIT_OK
-    return _swap_video_file(pipeline, prepared.face, target, output, faces)
+    return _swap_video_file(pipeline, prepared.face, target, output, faces, backend)
 
 
 def _swap_directory(
@@ -165,6 +171,7 @@ def _swap_video_file(
     target: Path,
     output: Path,
     faces: FaceSelection,
+    backend: Backend,
 ) -> int:
     bar = tqdm(desc="swapping", unit="frame", disable=None)
     started = time.perf_counter()
@@ -184,7 +191,8 @@ def _swap_video_file(
     elapsed = time.perf_counter() - started
     print(
         f"swapped {report.faces_swapped} face(s) over {report.frames} frame(s) "
-        f"({report.frames / max(elapsed, 1e-9):.1f} fps), audio {report.audio} -> {output}"
+        f"({report.frames / max(elapsed, 1e-9):.1f} fps on {backend.name}), audio {report.audio} "
+        f"-> {output}"
     )
     if report.frames_with_faces < report.frames:
         print(f"{report.frames - report.frames_with_faces} frame(s) had no face, written unchanged")

@@ -130,9 +130,12 @@ def test_video_target_keeps_frames_and_audio(capsys, tmp_path, astronaut_path, g
     clip = tmp_path / "clip.mp4"
     write_clip(clip, cv2.resize(group_bgr[150:500, 350:750], (400, 350)))
     output = tmp_path / "swapped.mp4"
-    code, out, err = swap(capsys, "--source", astronaut_path, "--target", clip, "--output", output)
+    code, out, err = swap(
+        capsys, "--source", astronaut_path, "--target", clip, "--output", output, "--backend", "cpu"
+    )
     assert code == 0, err
     assert "swapped 12 face(s) over 12 frame(s)" in out and "audio copied" in out
+    assert "fps on cpu)" in out
     assert "failed" not in err
     with av.open(str(clip)) as original:
         before = [f.to_ndarray(format="bgr24") for f in original.decode(video=0)]

@@ -36,11 +36,6 @@ def test_refuses_beyond_loopback_without_a_token(
     assert "--insecure" in message and "--token" in message
 
 
-def test_unavailable_backend_is_named(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--backend", "tensorrt", "--port", "0"]) == 2
-    assert "tensorrt backend is not available" in capsys.readouterr().err
-
-
 def test_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     import socket
 
