@@ -4,11 +4,13 @@
   format (I420), converted once however many peers watch it. Readers wait on an event
   that is replaced at each publish, so any number of them see every new frame and none
   holds a queue.
-- `ProcessedVideoTrack`: what a peer's video sender pulls. `recv()` hands out the next
-  processed frame as soon as it is ready; when none comes within `repeat_after` it sends
-  the last one again, so the picture freezes rather than going black or the encoder
-  stalling. Timestamps keep the input's spacing while frames flow and follow the wall
-  clock across repeats, always increasing.
+- `OutputClock`: the timestamps of one output: they keep the input's spacing while frames
+  flow and follow the wall clock across repeats, always increasing.
+- `ProcessedVideoTrack`: what a video sender that encodes for itself (VP8) pulls. `recv()`
+  hands out the next processed frame as soon as it is ready; when none comes within
+  `repeat_after` it sends the last one again, so the picture freezes rather than going
+  black or the encoder stalling. Senders that negotiated H.264 share one encode instead
+  (`shared_encode`).
 - `latest_frame`: one `recv()` from a remote track that also drains aiortc's unbounded
   receive queue, so the newest decoded frame wins.
 """
@@ -95,6 +97,41 @@ class OutputSlot:
         return self.version > version
 
 
+class OutputClock:
+    """Output timestamps on the 90 kHz clock: the input's, shifted to start at 0, while
+    fresh frames carry them; wall-clock time since the last one for repeats (and frames
+    without a timestamp); always increasing."""
+
+    def __init__(self) -> None:
+        self._last_pts = -1
+        self._last_at = 0.0
+        # output pts = input pts + offset; the offset grows when repeats push time on.
+        self._offset: int | None = None
+
+    def fresh(self, input_pts: int | None) -> int:
+        if input_pts is None:
+            return self.repeat()
+        if self._offset is None:
+            self._offset = -input_pts
+        pts = input_pts + self._offset
+        if pts <= self._last_pts:
+            # A repeat pushed time past the input's: shift the input's timeline after it.
+            self._offset += self._last_pts + 1 - pts
+            pts = self._last_pts + 1
+        return self._stamp(pts)
+
+    def repeat(self) -> int:
+        if self._last_pts < 0:
+            return self._stamp(0)
+        elapsed = max(time.monotonic() - self._last_at, 1e-3)
+        return self._stamp(self._last_pts + max(1, int(elapsed * VIDEO_CLOCK)))
+
+    def _stamp(self, pts: int) -> int:
+        self._last_pts = pts
+        self._last_at = time.monotonic()
+        return pts
+
+
 class ProcessedVideoTrack(MediaStreamTrack):
     kind = "video"
 
@@ -104,10 +141,7 @@ class ProcessedVideoTrack(MediaStreamTrack):
         self._repeat_after = repeat_after
         self._version = 0
         self._last: OutputFrame | None = None
-        self._last_pts = -1
-        self._last_sent = 0.0
-        # output pts = input pts + offset; the offset grows when repeats push time on.
-        self._offset: int | None = None
+        self._clock = OutputClock()
         self.frames_sent = 0
         self.repeats = 0
 
@@ -124,39 +158,19 @@ class ProcessedVideoTrack(MediaStreamTrack):
             if fresh and self._slot.frame is not None:
                 self._version = self._slot.version
                 frame = self._slot.frame
-                pts = self._fresh_pts(frame)
+                pts = self._clock.fresh(frame.pts)
                 self._last = frame
             elif self._last is not None:
                 frame = self._last
-                pts = self._repeat_pts()
+                pts = self._clock.repeat()
                 self.repeats += 1
             else:
                 continue
-            self._last_pts = pts
-            self._last_sent = time.monotonic()
             self.frames_sent += 1
             video = av.VideoFrame.from_ndarray(frame.i420, format="yuv420p")
             video.pts = pts
             video.time_base = VIDEO_TIME_BASE
             return video
-
-    def _fresh_pts(self, frame: OutputFrame) -> int:
-        if frame.pts is None:
-            return self._repeat_pts()
-        if self._offset is None:
-            self._offset = -frame.pts
-        pts = frame.pts + self._offset
-        if pts <= self._last_pts:
-            # A repeat pushed time past the input's: shift the input's timeline after it.
-            self._offset += self._last_pts + 1 - pts
-            pts = self._last_pts + 1
-        return pts
-
-    def _repeat_pts(self) -> int:
-        if self._last_pts < 0:
-            return 0
-        elapsed = max(time.monotonic() - self._last_sent, 1e-3)
-        return self._last_pts + max(1, int(elapsed * VIDEO_CLOCK))
 
 
 async def latest_frame(track: MediaStreamTrack) -> tuple[av.VideoFrame, int]:
