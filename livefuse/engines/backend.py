@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from livefuse.engines import ops as cpu_ops
+from livefuse.engines.ops_protocol import Ops
 from livefuse.engines.runtime import Engine, OnnxRuntimeEngine
 
 BackendChoice = Literal["auto", "cpu", "cuda"]
@@ -30,8 +32,14 @@ class Backend:
     """Intra-op threads per loaded model."""
 
     def load(self, model_path: Path) -> Engine:
-        """The model graph at `model_path`, ready to run batches."""
+        """The model graph at `model_path`, ready to run batches; the caller closes it."""
         return OnnxRuntimeEngine(model_path, threads=self.threads)
+
+    @property
+    def ops(self) -> Ops:
+        """The module the pixel work goes through, over arrays this backend's models take
+        (engines/ops.py: OpenCV and NumPy)."""
+        return cpu_ops
 
 
 def select_backend(choice: str, *, threads: int = 1) -> Backend:
