@@ -8,9 +8,10 @@ shifted 8 px right, centring it in the larger crop (InsightFace's
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
+from livefuse.engines import ops as cpu_ops
+from livefuse.engines.ops_protocol import Ops
 from livefuse.engines.topology import MeshTopology
 
 ARCFACE_TEMPLATE = np.array(
@@ -81,7 +82,12 @@ def alignment(keypoints: np.ndarray, size: int, *, ffhq: bool = False) -> np.nda
 
 
 def align_crop(
-    image: np.ndarray, keypoints: np.ndarray, size: int, *, ffhq: bool = False
+    image: np.ndarray,
+    keypoints: np.ndarray,
+    size: int,
+    *,
+    ffhq: bool = False,
+    ops: Ops = cpu_ops,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The aligned `size` x `size` crop of the face at `keypoints` and its 2x3 matrix.
 
@@ -89,7 +95,7 @@ def align_crop(
     trained that way).
     """
     matrix = alignment(keypoints, size, ffhq=ffhq)
-    crop = cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
+    crop = ops.warp_affine(image, matrix, (size, size), border="constant", border_value=0.0)
     return crop, matrix
 
 

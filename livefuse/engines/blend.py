@@ -10,13 +10,17 @@ Three steps, all on the face's box only:
 - colour: the rendered face takes the target's skin tone and lighting (Lab mean and
   spread inside the mask, then the difference of the two faces' blurred lightness);
 - alpha blend in place.
+
+Each step takes the `ops` module its pixel work goes through (the CPU's by default);
+mesh points stay host NumPy.
 """
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
+from livefuse.engines import ops as cpu_ops
+from livefuse.engines.ops_protocol import Ops
 from livefuse.engines.swapper import face_axes
 from livefuse.engines.topology import MeshTopology
 
@@ -51,6 +55,8 @@ def forehead_ramp(
     topology: MeshTopology,
     box: tuple[int, int, int, int],
     outline: np.ndarray | None = None,
+    *,
+    ops: Ops = cpu_ops,
 ) -> np.ndarray:
     """1 below the brows fading to 0 at the mask's top edge, over the box.
 
@@ -65,11 +71,11 @@ def forehead_ramp(
         outline = mask_outline(points, topology)
     top = float(((outline - centre) @ up).max())
     x1, y1, x2, y2 = box
-    ys, xs = np.mgrid[y1:y2, x1:x2].astype(np.float32)
+    ys, xs = ops.xp.mgrid[y1:y2, x1:x2].astype(np.float32)
     height = (xs - centre[0]) * up[0] + (ys - centre[1]) * up[1]
     fade_start = brow + (top - brow) * 0.25
     ramp = (top - height) / max(top - fade_start, 1e-3)
-    return np.clip(ramp, 0.0, 1.0).astype(np.float32)
+    return ramp.clip(0.0, 1.0).astype(np.float32)
 
 
 def face_mask(
@@ -80,6 +86,7 @@ def face_mask(
     face_size: float,
     *,
     target: np.ndarray | None = None,
+    ops: Ops = cpu_ops,
 ) -> np.ndarray:
     """Feathered 0..1 float32 alpha over the box.
 
@@ -92,14 +99,14 @@ def face_mask(
     skin: the fitted outline can lie a few pixels past the real profile, over the
     background. A square patch (inswapper's) passes no target and stays inside the oval.
     """
+    xp = ops.xp
     x1, y1, x2, y2 = box
     outline = mask_outline(points, topology)
-    ramp = forehead_ramp(points, topology, box, outline)
+    ramp = forehead_ramp(points, topology, box, outline, ops=ops)
     allowed = (coverage * ramp * 255).astype(np.uint8)
-    inside_oval = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
-    corners = np.round((outline - (x1, y1)) * 16).astype(np.int32)
-    cv2.fillPoly(inside_oval, [corners], 255, cv2.LINE_AA, shift=4)
-    within = cv2.min(inside_oval, allowed)
+    inside_oval = xp.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
+    ops.fill_polygon(inside_oval, outline - (x1, y1), 255, antialiased=True)
+    within = xp.minimum(inside_oval, allowed)
     if target is not None:
         # Past the oval: deep inside the silhouette (a turned face's far eye and brow lie
         # there) always; along its rim only over the target's skin; and only below the
@@ -110,21 +117,20 @@ def face_mask(
         beyond = allowed.copy()
         beyond[(inside_oval == 255) | (ramp < 1)] = 0
         rim = beyond > 0
-        if rim.any():
-            rim &= _silhouette_depth(coverage) < face_size * RIM_FRACTION
+        if ops.to_host(rim.any()):
+            rim &= _silhouette_depth(coverage, ops=ops) < face_size * RIM_FRACTION
             reference = (inside_oval == 255) & (coverage > 0.5)
-            beyond[rim & ~skin_like(target, reference, where=rim)] = 0
-        allowed = cv2.max(within, beyond)
+            beyond[rim & ~skin_like(target, reference, where=rim, ops=ops)] = 0
+        allowed = xp.maximum(within, beyond)
     else:
         allowed = within
     erode = max(1, round(face_size * ERODE_FRACTION))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode + 1,) * 2)
-    mask: np.ndarray = cv2.erode(allowed, kernel)
+    mask = ops.erode(allowed, ops.ellipse_kernel(2 * erode + 1))
     sigma = max(1.0, face_size * FEATHER_FRACTION)
-    alpha = cv2.GaussianBlur(mask.astype(np.float32) * np.float32(1 / 255), (0, 0), sigma)
+    alpha = ops.gaussian_blur(mask.astype(np.float32) * np.float32(1 / 255), sigma)
     # Blurring lets the alpha bleed past the hard mask by about a sigma; pull it back in so
     # the feather lies inside the face, never over hair or background.
-    return np.clip(alpha * 2 - 1, 0.0, 1.0)
+    return (alpha * 2 - 1).clip(0.0, 1.0)
 
 
 # The rim of the silhouette where coverage past the oval must lie over the target's skin,
@@ -138,17 +144,17 @@ _SKIN_CHROMA, _SKIN_DARKER, _SKIN_BRIGHTER = 2.5, 4.0, 5.0
 _SKIN_SAMPLES = 600
 
 
-def _silhouette_depth(coverage: np.ndarray) -> np.ndarray:
+def _silhouette_depth(coverage: np.ndarray, *, ops: Ops = cpu_ops) -> np.ndarray:
     """Per pixel, its distance (px) inside the outer edge of the coverage's silhouette."""
-    covered = (coverage > 0).astype(np.uint8)
-    contours, _ = cv2.findContours(covered, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    filled = np.zeros_like(covered)
-    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
-    return np.asarray(cv2.distanceTransform(filled, cv2.DIST_L2, 3))
+    return ops.distance_transform(ops.fill_holes(coverage > 0), mask_size=3)
 
 
 def skin_like(
-    image_bgr: np.ndarray, reference: np.ndarray, *, where: np.ndarray | None = None
+    image_bgr: np.ndarray,
+    reference: np.ndarray,
+    *,
+    where: np.ndarray | None = None,
+    ops: Ops = cpu_ops,
 ) -> np.ndarray:
     """Bool per pixel: does it look like the skin sampled at `reference` (a bool map)?
     Judged only at `where` (a bool map; every pixel if None), False elsewhere.
@@ -159,52 +165,57 @@ def skin_like(
     same statistics as all of them, and only those and the judged ones are converted to
     Lab: this runs per face per frame. With too small a sample nothing counts as skin.
     """
+    xp = ops.xp
     height, width = image_bgr.shape[:2]
-    judged = np.ones((height, width), dtype=bool) if where is None else where
-    sampled = np.flatnonzero(reference)
+    judged = xp.ones((height, width), dtype=bool) if where is None else where
+    # The sample is drawn on the host: the same seeded draw whatever the backend.
+    sampled = ops.to_host(xp.flatnonzero(reference))
     if len(sampled) < 16:
-        return np.zeros((height, width), dtype=bool)
+        return xp.zeros((height, width), dtype=bool)
     if len(sampled) > _SKIN_SAMPLES:
         sampled = np.random.default_rng(0).choice(sampled, _SKIN_SAMPLES, replace=False)
-    judged_at = np.flatnonzero(judged)
-    at = np.concatenate([sampled, judged_at])
+    judged_at = xp.flatnonzero(judged)
+    at = xp.concatenate([ops.from_host(sampled), judged_at])
     pixels = image_bgr[at // width, at % width][None]  # one row of BGR pixels
-    lab = cv2.cvtColor(pixels, cv2.COLOR_BGR2LAB)[0].astype(np.float32)
+    lab = ops.bgr_to_lab(pixels)[0].astype(np.float32)
     samples, candidates = lab[: len(sampled)], lab[len(sampled) :]
-    centre = np.median(samples, axis=0)
-    spread = 1.4826 * np.median(np.abs(samples - centre), axis=0) + np.float32(2.0)
+    centre = xp.median(samples, axis=0)
+    spread = 1.4826 * xp.median(xp.abs(samples - centre), axis=0) + np.float32(2.0)
     distance = (candidates - centre) / spread
-    chroma = np.hypot(distance[:, 1], distance[:, 2])
+    chroma = xp.hypot(distance[:, 1], distance[:, 2])
     skin = (chroma < _SKIN_CHROMA) & (distance[:, 0] > -_SKIN_DARKER)
     skin &= distance[:, 0] < _SKIN_BRIGHTER
-    result = np.zeros((height, width), dtype=bool)
-    result.flat[judged_at] = skin
+    result = xp.zeros((height, width), dtype=bool)
+    result.reshape(-1)[judged_at] = skin
     return result
 
 
 def match_colour(
-    rendered: np.ndarray, target: np.ndarray, mask: np.ndarray, face_size: float
+    rendered: np.ndarray,
+    target: np.ndarray,
+    mask: np.ndarray,
+    face_size: float,
+    *,
+    ops: Ops = cpu_ops,
 ) -> np.ndarray:
     """Give the rendered face the target's skin tone and lighting, inside `mask`."""
+    xp = ops.xp
     weights = mask > 0.5
-    if np.count_nonzero(weights) < 16:
+    if ops.to_host(xp.count_nonzero(weights)) < 16:
         return rendered
-    rendered_lab8 = cv2.cvtColor(rendered, cv2.COLOR_BGR2LAB)
-    target_lab8 = cv2.cvtColor(target, cv2.COLOR_BGR2LAB)
-    # Masked statistics straight from OpenCV: no float copies of the selected pixels.
-    inside8 = weights.astype(np.uint8)
-    src_mean, src_std = (
-        v.ravel().astype(np.float32) for v in cv2.meanStdDev(rendered_lab8, mask=inside8)
-    )
-    dst_mean, dst_std = (
-        v.ravel().astype(np.float32) for v in cv2.meanStdDev(target_lab8, mask=inside8)
-    )
+    rendered_lab8 = ops.bgr_to_lab(rendered)
+    target_lab8 = ops.bgr_to_lab(target)
+    # Masked statistics of the 8-bit Lab images: no float copies of the selected pixels.
+    src_mean, src_std = (v.astype(np.float32) for v in ops.masked_mean_std(rendered_lab8, weights))
+    dst_mean, dst_std = (v.astype(np.float32) for v in ops.masked_mean_std(target_lab8, weights))
     src_std, dst_std = src_std + 1e-3, dst_std + 1e-3
     rendered_lab = rendered_lab8.astype(np.float32)
     target_lab = target_lab8.astype(np.float32)
     # Limit the lightness spread change: a flat-lit target must not flatten the source's
     # features. Colour spread may go to nothing: a grayscale target gets a grayscale face.
-    gain = np.clip(dst_std / src_std, SPREAD_GAIN_LOW, SPREAD_GAIN_HIGH)
+    gain = xp.clip(
+        dst_std / src_std, ops.from_host(SPREAD_GAIN_LOW), ops.from_host(SPREAD_GAIN_HIGH)
+    )
     # Matching tone and spread only partly (identity lives in skin tone too) measured no
     # better with dlib, and matching fully hides the seam best.
     matched = (rendered_lab - src_mean) * gain + dst_mean
@@ -215,11 +226,11 @@ def match_colour(
     sigma = max(2.0, face_size * LIGHT_SIGMA_FRACTION)
     inside = weights.astype(np.float32)
     light = _low_pass(
-        np.dstack([inside, target_lab[..., 0] * inside, matched[..., 0] * inside]), sigma
+        xp.dstack([inside, target_lab[..., 0] * inside, matched[..., 0] * inside]), sigma, ops=ops
     )
     density = light[..., 0] + 1e-4
-    matched[..., 0] += np.clip((light[..., 1] - light[..., 2]) / density, -40, 40)
-    return cv2.cvtColor(np.clip(matched, 0, 255).astype(np.uint8), cv2.COLOR_LAB2BGR)
+    matched[..., 0] += ((light[..., 1] - light[..., 2]) / density).clip(-40, 40)
+    return ops.lab_to_bgr(matched.clip(0, 255).astype(np.uint8))
 
 
 # A blur this wide keeps nothing finer than a few pixels of a grid this much coarser, so
@@ -227,22 +238,20 @@ def match_colour(
 _LOW_PASS_SIGMA = 3.0
 
 
-def _low_pass(image: np.ndarray, sigma: float) -> np.ndarray:
+def _low_pass(image: np.ndarray, sigma: float, *, ops: Ops = cpu_ops) -> np.ndarray:
     """Gaussian blur of `sigma` pixels, computed at reduced size when that is cheaper."""
     height, width = image.shape[:2]
     factor = sigma / _LOW_PASS_SIGMA
     if factor < 2:
-        return np.asarray(cv2.GaussianBlur(image, (0, 0), sigma))
+        return ops.gaussian_blur(image, sigma)
     small_size = (max(1, round(width / factor)), max(1, round(height / factor)))
-    small = cv2.resize(image, small_size, interpolation=cv2.INTER_AREA)
-    blurred = cv2.GaussianBlur(small, (0, 0), _LOW_PASS_SIGMA)
-    return np.asarray(cv2.resize(blurred, (width, height), interpolation=cv2.INTER_LINEAR))
+    small = ops.resize(image, small_size, interpolation="area")
+    blurred = ops.gaussian_blur(small, _LOW_PASS_SIGMA)
+    return ops.resize(blurred, (width, height), interpolation="linear")
 
 
-def alpha_blend(region: np.ndarray, rendered: np.ndarray, alpha: np.ndarray) -> None:
-    """region <- region * (1 - alpha) + rendered * alpha, in place (rounded).
-
-    OpenCV's blendLinear does this in one pass over uint8 pixels: a tenth of the time of
-    the same sum in float32 NumPy, which on a 250 px face was the swap's largest step."""
-    alpha = np.ascontiguousarray(alpha, dtype=np.float32)
-    np.copyto(region, cv2.blendLinear(rendered, np.ascontiguousarray(region), alpha, 1 - alpha))
+def alpha_blend(
+    region: np.ndarray, rendered: np.ndarray, alpha: np.ndarray, *, ops: Ops = cpu_ops
+) -> None:
+    """region <- region * (1 - alpha) + rendered * alpha, in place (rounded)."""
+    ops.alpha_blend(region, rendered, alpha)

@@ -3,16 +3,18 @@
 Instead of warping 852 triangles one by one, each output pixel learns which triangle
 covers it (an id buffer filled far-to-near, so a nearer triangle hides a farther one
 the way a z-buffer would) and every pixel is then mapped with its triangle's affine in
-one array expression, followed by a single `cv2.remap`.
+one array expression, followed by a single `remap`.
+
+Mesh points and triangles are host geometry; the id map and the coordinate maps are
+pixel arrays of the `ops` module given.
 """
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
-_SUBPIXEL_BITS = 4
-_SUBPIXEL = 1 << _SUBPIXEL_BITS
+from livefuse.engines import ops as cpu_ops
+from livefuse.engines.ops_protocol import Ops
 
 
 def signed_areas(xy: np.ndarray, triangles: np.ndarray) -> np.ndarray:
@@ -27,31 +29,30 @@ def rasterize_ids(
     triangles: np.ndarray,
     draw_order: np.ndarray,
     shape: tuple[int, int],
+    *,
+    ops: Ops = cpu_ops,
 ) -> np.ndarray:
     """Fill each triangle with its index, in `draw_order` (later ones cover earlier ones).
 
-    Returns an int32 map of `shape` holding -1 where no triangle lies.
+    Returns an int32 map of `shape` holding -1 where no triangle lies (`ops.triangle_ids`).
     """
-    ids = np.full(shape, -1, dtype=np.int32)
-    fixed = np.round(xy * _SUBPIXEL).astype(np.int32)
-    corners = fixed[triangles[draw_order]]  # (T, 3, 2), in drawing order
-    # A face draws some 800 triangles of a few pixels each, so the loop's own overhead is
-    # most of the cost: iterate over ready-made rows and plain ints, positional arguments.
-    fill = cv2.fillConvexPoly
-    for triangle, index in zip(corners, draw_order.tolist(), strict=True):
-        fill(ids, triangle, index, cv2.LINE_8, _SUBPIXEL_BITS)
-    return ids
+    return ops.triangle_ids(xy, triangles, draw_order, shape)
 
 
 def source_coordinates(
-    ids: np.ndarray, dst_xy: np.ndarray, src_xy: np.ndarray, triangles: np.ndarray
+    ids: np.ndarray,
+    dst_xy: np.ndarray,
+    src_xy: np.ndarray,
+    triangles: np.ndarray,
+    *,
+    ops: Ops = cpu_ops,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For every pixel of an id map drawn from `dst_xy`, where its triangle takes it in `src_xy`.
 
     Each pixel's barycentric coordinates in its triangle are clamped to the triangle
     first: the rasteriser also paints pixels just outside thin triangles, and an
     unclamped affine would send those far away. Uncovered pixels map to -1, outside any
-    source image, so `cv2.remap` leaves them at the border value.
+    source image, so `remap` leaves them at the border value.
     """
     d0 = dst_xy[triangles[:, 0]]
     edges = np.stack([dst_xy[triangles[:, 1]] - d0, dst_xy[triangles[:, 2]] - d0], axis=2)
@@ -73,15 +74,16 @@ def source_coordinates(
         axis=1,
     ).astype(np.float32)  # (T, 12)
 
+    xp = ops.xp
     height, width = ids.shape
     covered = ids >= 0
-    t = per_triangle[np.where(covered, ids, 0)]  # (H, W, 12)
-    dx = np.arange(width, dtype=np.float32) - t[..., 0]
-    dy = np.arange(height, dtype=np.float32)[:, None] - t[..., 1]
-    b1 = np.maximum(t[..., 2] * dx + t[..., 3] * dy, 0)
-    b2 = np.maximum(t[..., 4] * dx + t[..., 5] * dy, 0)
+    t = ops.from_host(per_triangle)[xp.where(covered, ids, 0)]  # (H, W, 12)
+    dx = xp.arange(width, dtype=np.float32) - t[..., 0]
+    dy = xp.arange(height, dtype=np.float32)[:, None] - t[..., 1]
+    b1 = xp.maximum(t[..., 2] * dx + t[..., 3] * dy, 0)
+    b2 = xp.maximum(t[..., 4] * dx + t[..., 5] * dy, 0)
     outside = b1 + b2 > 1  # beyond the edge opposite the first corner
-    total = np.where(outside, b1 + b2, 1)
+    total = xp.where(outside, b1 + b2, 1)
     b1, b2 = b1 / total, b2 / total
     map_x = t[..., 6] + b1 * t[..., 8] + b2 * t[..., 10]
     map_y = t[..., 7] + b1 * t[..., 9] + b2 * t[..., 11]

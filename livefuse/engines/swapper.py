@@ -10,15 +10,19 @@ frontal atlas about its midline swaps the two sides.
 Per target face, every pixel of the face's box is mapped through its target triangle
 into the atlas (see `raster`), nearest triangles winning, so the hidden side of a
 turned face never smears over the visible one.
+
+Pixels (frames, the atlas and its maps) go through the swapper's `ops`; the mesh
+geometry stays host NumPy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from livefuse.engines import ops as cpu_ops
+from livefuse.engines.ops_protocol import Ops
 from livefuse.engines.raster import (
     rasterize_ids,
     signed_areas,
@@ -29,7 +33,7 @@ from livefuse.engines.types import FaceMesh
 
 ATLAS_SIZE = 256
 _ATLAS_MARGIN = 8
-# cv2.flip mirrors pixel i onto pixel size-1-i, i.e. about (size - 1) / 2: the midline
+# A horizontal flip mirrors pixel i onto pixel size-1-i, i.e. about (size - 1) / 2: the midline
 # goes there so flipping the atlas swaps the face's sides exactly.
 _ATLAS_CENTRE = (ATLAS_SIZE - 1) / 2
 # Source visibility (0..1, see `_source_visibility`) under which a triangle's texture is
@@ -94,7 +98,12 @@ _NOSE_TIP = 1
 
 
 def source_skin(
-    atlas: np.ndarray, face_area: np.ndarray, uv: np.ndarray, topology: MeshTopology
+    atlas: np.ndarray,
+    face_area: np.ndarray,
+    uv: np.ndarray,
+    topology: MeshTopology,
+    *,
+    ops: Ops = cpu_ops,
 ) -> np.ndarray:
     """0..1 map of the atlas: 0 where the source photo shows something other than skin.
 
@@ -105,16 +114,17 @@ def source_skin(
     and background along the rim would otherwise be carried onto the target, and a
     turned target shows the rim large.
     """
-    lab = cv2.cvtColor(atlas, cv2.COLOR_BGR2LAB).astype(np.float32)
+    xp = ops.xp
+    lab = ops.bgr_to_lab(atlas).astype(np.float32)
     radius = ATLAS_SIZE * 0.05
-    ys, xs = np.mgrid[0:ATLAS_SIZE, 0:ATLAS_SIZE].astype(np.float32)
-    near_cheek = np.zeros((ATLAS_SIZE, ATLAS_SIZE), dtype=bool)
+    ys, xs = xp.mgrid[0:ATLAS_SIZE, 0:ATLAS_SIZE].astype(np.float32)
+    near_cheek = xp.zeros((ATLAS_SIZE, ATLAS_SIZE), dtype=bool)
     for point in _CHEEKS:
         near_cheek |= (xs - uv[point, 0]) ** 2 + (ys - uv[point, 1]) ** 2 < radius**2
     samples = lab[near_cheek]
     mean, spread = samples.mean(axis=0), samples.std(axis=0) + np.float32(4.0)
     distance = (lab - mean) / spread
-    chroma_far = np.hypot(distance[..., 1], distance[..., 2]) > 4.5
+    chroma_far = xp.hypot(distance[..., 1], distance[..., 2]) > 4.5
     darker = -distance[..., 0] > 3.5
     brighter = distance[..., 0] > 4.0
     not_skin = (chroma_far | darker | brighter).astype(np.uint8)
@@ -122,15 +132,15 @@ def source_skin(
     features = np.concatenate(
         [topology.brows, topology.eye_loops[0], topology.eye_loops[1], topology.outer_lips]
     )
-    feature_hull = np.zeros((ATLAS_SIZE, ATLAS_SIZE), dtype=np.uint8)
-    cv2.fillConvexPoly(feature_hull, cv2.convexHull(np.round(uv[features]).astype(np.int32)), 1)
-    grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
-    not_skin[cv2.dilate(feature_hull, grow) > 0] = 0
+    feature_hull = xp.zeros((ATLAS_SIZE, ATLAS_SIZE), dtype=np.uint8)
+    ops.fill_convex_hull(feature_hull, uv[features], 1)
+    grow = ops.ellipse_kernel(9)
+    not_skin[ops.dilate(feature_hull, grow) > 0] = 0
     # Below the forehead only the rim along the sides is judged, down to the nose tip:
     # that is where hair and background lie; lower down, stubble and shadows are the
     # source's own face and must come along.
-    inside = cv2.dilate(face_area.astype(np.uint8), grow)
-    from_edge = cv2.distanceTransform(inside, cv2.DIST_L2, 5)
+    inside = ops.dilate(face_area.astype(np.uint8), grow)
+    from_edge = ops.distance_transform(inside, mask_size=5)
     brow_top = int(max(0.0, float(uv[topology.brows, 1].min()) - ATLAS_SIZE * 0.01))
     nose_tip_row = int(uv[_NOSE_TIP, 1])
     rim = from_edge < ATLAS_SIZE * 0.08
@@ -138,15 +148,16 @@ def source_skin(
     rim[:brow_top] = True
     not_skin[~rim] = 0
     # Close small gaps between hair strands, then grow a little past the hair's edge.
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
-    not_skin = cv2.dilate(cv2.morphologyEx(not_skin, cv2.MORPH_CLOSE, kernel), kernel)
-    # Over the forehead, everything above a hair pixel in its column is hair or beyond.
-    forehead = not_skin[:brow_top]
-    not_skin[:brow_top] = np.flipud(np.maximum.accumulate(np.flipud(forehead), axis=0))
+    kernel = ops.ellipse_kernel(7)
+    not_skin = ops.dilate(ops.close(not_skin, kernel), kernel)
+    # Over the forehead, everything above a hair pixel in its column is hair or beyond: a
+    # running maximum up each column (the map holds 0 and 1 only).
+    hair_below = xp.cumsum(not_skin[:brow_top][::-1], axis=0)[::-1] > 0
+    not_skin[:brow_top] = hair_below
     skin = 1.0 - not_skin.astype(np.float32)
     # A wide soft edge: where the source's usable skin ends, the target's own skin takes
     # over, and the two must meet gradually.
-    return cv2.GaussianBlur(skin, (0, 0), ATLAS_SIZE * 0.03)
+    return ops.gaussian_blur(skin, ATLAS_SIZE * 0.03)
 
 
 def draw_order(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
@@ -190,8 +201,9 @@ class SourceFace:
 
 
 class MeshSwapper:
-    def __init__(self, topology: MeshTopology) -> None:
+    def __init__(self, topology: MeshTopology, *, ops: Ops = cpu_ops) -> None:
         self.topology = topology
+        self.ops = ops
         # The mesh's own triangles, then one fan over each eye opening (see `warp`).
         left_eye, right_eye = topology.eye_triangles
         self.triangles = np.concatenate([topology.triangles, left_eye, right_eye])
@@ -216,6 +228,7 @@ class MeshSwapper:
         )
 
     def prepare_source(self, image_bgr: np.ndarray, mesh: FaceMesh) -> SourceFace:
+        ops, xp = self.ops, self.ops.xp
         topology = self.topology
         points = mesh.points
         axes = face_axes(points, topology)
@@ -235,31 +248,29 @@ class MeshSwapper:
 
         triangles = self.triangles
         atlas_order = np.argsort(frontal[triangles, 2].mean(axis=1), kind="stable")
-        atlas_ids = rasterize_ids(uv, triangles, atlas_order, (ATLAS_SIZE, ATLAS_SIZE))
-        map_x, map_y = source_coordinates(atlas_ids, uv, points[:, :2], triangles)
-        atlas = cv2.remap(
-            image_bgr, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        )
+        atlas_ids = rasterize_ids(uv, triangles, atlas_order, (ATLAS_SIZE, ATLAS_SIZE), ops=ops)
+        map_x, map_y = source_coordinates(atlas_ids, uv, points[:, :2], triangles, ops=ops)
+        atlas = ops.remap(image_bgr, map_x, map_y, border="replicate")
         # Extend the face's own colours past its outline: a target pixel at the edge of the
         # mesh samples a little outside it, and the mirrored atlas does not share the
         # outline exactly, so whatever lies there must look like skin, not background.
-        outside = cv2.dilate((atlas_ids < 0).astype(np.uint8), np.ones((3, 3), np.uint8))
-        atlas = cv2.inpaint(atlas, outside, 3, cv2.INPAINT_TELEA)
+        outside = ops.dilate((atlas_ids < 0).astype(np.uint8), np.ones((3, 3), np.uint8))
+        atlas = ops.inpaint(atlas, outside, 3)
 
-        visibility = self._source_visibility(points, uv, image_bgr.shape[:2])
-        visible_map = np.where(atlas_ids >= 0, visibility[np.maximum(atlas_ids, 0)], 0.0)
-        visible_map = cv2.GaussianBlur(visible_map.astype(np.float32), (0, 0), 3)
-        mirrored_visible = cv2.flip(visible_map, 1)
+        visibility = ops.from_host(self._source_visibility(points, uv, image_bgr.shape[:2]))
+        visible_map = xp.where(atlas_ids >= 0, visibility[xp.maximum(atlas_ids, 0)], 0.0)
+        visible_map = ops.gaussian_blur(visible_map.astype(np.float32), 3)
+        mirrored_visible = ops.flip_horizontal(visible_map)
         # Take the mirror where it is seen clearly better than the triangle itself.
-        use_mirror = np.clip((mirrored_visible - visible_map) * 2.5, 0.0, 1.0)[..., None]
-        mirrored = cv2.flip(atlas, 1)
+        use_mirror = ((mirrored_visible - visible_map) * 2.5).clip(0.0, 1.0)[..., None]
+        mirrored = ops.flip_horizontal(atlas)
         completed = atlas * (1 - use_mirror) + mirrored * use_mirror
-        atlas = np.clip(completed, 0, 255).astype(np.uint8)
-        best_seen = np.maximum(visible_map, mirrored_visible)
-        quality = np.clip((best_seen - _POOR_TEXTURE) / (_GOOD_TEXTURE - _POOR_TEXTURE), 0, 1)
+        atlas = completed.clip(0, 255).astype(np.uint8)
+        best_seen = xp.maximum(visible_map, mirrored_visible)
+        quality = ((best_seen - _POOR_TEXTURE) / (_GOOD_TEXTURE - _POOR_TEXTURE)).clip(0, 1)
         return SourceFace(
             atlas=atlas,
-            usable=source_skin(atlas, atlas_ids >= 0, uv, topology) * quality,
+            usable=source_skin(atlas, atlas_ids >= 0, uv, topology, ops=ops) * quality,
             uv=uv,
             uv_winding=np.sign(signed_areas(uv, self.triangles)).astype(np.float32),
             frontal=frontal.astype(np.float32),
@@ -285,8 +296,11 @@ class MeshSwapper:
         x1, y1 = np.floor(points[:, :2].min(axis=0)).astype(int)
         x2, y2 = np.ceil(points[:, :2].max(axis=0)).astype(int) + 1
         local = points[:, :2] - (x1, y1)
-        ids = rasterize_ids(local, triangles, draw_order(points, triangles), (y2 - y1, x2 - x1))
-        pixel_counts = np.bincount(ids[ids >= 0], minlength=len(triangles))
+        ids = rasterize_ids(
+            local, triangles, draw_order(points, triangles), (y2 - y1, x2 - x1), ops=self.ops
+        )
+        xp = self.ops.xp
+        pixel_counts = self.ops.to_host(xp.bincount(ids[ids >= 0], minlength=len(triangles)))
         expected = np.maximum(np.abs(photo_area) / 2, 1.0)
         unoccluded = np.clip(pixel_counts / expected, 0.0, 1.0)
         # Tiny triangles rasterise to few pixels whatever their visibility: trust the
@@ -386,13 +400,11 @@ class MeshSwapper:
         order = np.concatenate(
             [np.arange(len(self.triangles), len(triangles)), draw_order(moved, self.triangles)]
         )
-        ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1))
-        map_x, map_y = source_coordinates(ids, local, source_xy, triangles)
+        ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1), ops=self.ops)
+        map_x, map_y = source_coordinates(ids, local, source_xy, triangles, ops=self.ops)
         covered = ids >= 0
         # The maps hold frame coordinates: sample the whole frame, then write the box.
-        moved_pixels = cv2.remap(
-            frame_bgr, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        )
+        moved_pixels = self.ops.remap(frame_bgr, map_x, map_y, border="replicate")
         frame_bgr[y1:y2, x1:x2][covered] = moved_pixels[covered]
         return MeshRaster(ids=ids, origin=(int(x1), int(y1)))
 
@@ -412,6 +424,7 @@ class MeshSwapper:
         target blinks; a closing eye shows the target's own lids, never a squashed eye.
         `raster`, from `reshape_target` on the same points, saves drawing the mesh again.
         """
+        ops, xp = self.ops, self.ops.xp
         triangles = self.triangles
         x1, y1, x2, y2 = box
         local = target_points[:, :2] - (x1, y1)
@@ -427,22 +440,15 @@ class MeshSwapper:
             # The shared ids cover every triangle (and the reshape band): keep the drawn ones.
             keep = np.zeros(len(self._reshape_triangles), dtype=bool)
             keep[: len(triangles)] = drawn
-            ids = np.where(keep[np.maximum(ids, 0)] & (ids >= 0), ids, -1)
+            kept = ops.from_host(keep)[xp.maximum(ids, 0)] & (ids >= 0)
+            ids = xp.where(kept, ids, -1)
         else:
             order = draw_order(target_points, triangles)
             order = order[drawn[order]]
-            ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1))
-        map_x, map_y = source_coordinates(ids, local, source.uv, triangles)
-        patch = cv2.remap(
-            source.atlas, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        )
-        coverage = np.where(ids >= 0, triangle_weight[np.maximum(ids, 0)], 0.0)
-        coverage *= cv2.remap(
-            source.usable,
-            map_x,
-            map_y,
-            cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        )
+            ids = rasterize_ids(local, triangles, order, (y2 - y1, x2 - x1), ops=ops)
+        map_x, map_y = source_coordinates(ids, local, source.uv, triangles, ops=ops)
+        patch = ops.remap(source.atlas, map_x, map_y, border="replicate")
+        weights = ops.from_host(triangle_weight)
+        coverage = xp.where(ids >= 0, weights[xp.maximum(ids, 0)], 0.0)
+        coverage *= ops.remap(source.usable, map_x, map_y, border="constant", border_value=0.0)
         return patch, coverage.astype(np.float32)
