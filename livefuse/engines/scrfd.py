@@ -7,20 +7,68 @@ and the NMS follow InsightFace's `model_zoo.scrfd` (the parity tests hold them t
 
 The frame is scaled to fit `max_side` (aspect kept) and padded right and bottom with
 black to a multiple of 32, or to a `max_side` square as the reference does.
+
+Pre-process (`scrfd_input`, `fill_input`), the batched forward pass and the decoding are
+separate steps; `detect_batch` runs the frames that share an input size in one pass.
 """
 
 from __future__ import annotations
 
-import cv2
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
-from livefuse.engines.runtime import Engine
+from livefuse.engines import ops as cpu_ops
+from livefuse.engines.ops_protocol import Ops
+from livefuse.engines.runtime import Engine, InputBuffers, fixed_batch
 from livefuse.engines.types import Detection
 
 STRIDES = (8, 16, 32)
 _ANCHORS_PER_CELL = 2
 _ALIGN = 32
 _MEAN, _STD = 127.5, 128.0
+# What a black padding pixel becomes once normalised.
+_PADDING = (np.float32(0) - np.float32(_MEAN)) / np.float32(_STD)
+
+
+@dataclass(frozen=True)
+class ScrfdInput:
+    """How a frame becomes SCRFD's input: scaled by `scale` to `scaled` (h, w) in the
+    top-left of a `canvas` (h, w), the rest black."""
+
+    scale: float
+    scaled: tuple[int, int]
+    canvas: tuple[int, int]
+
+
+def scrfd_input(frame_shape: tuple[int, ...], max_side: int, *, square: bool) -> ScrfdInput:
+    """The input plan for a frame of `frame_shape` at detection size `max_side`."""
+    height, width = frame_shape[:2]
+    side = max(_ALIGN, -(-max_side // _ALIGN) * _ALIGN)
+    # As the reference: the longer side fills the canvas, the other is truncated, and
+    # the scale is taken from the height actually used.
+    if height / width > 1:
+        scaled_h, scaled_w = side, max(1, int(side / (height / width)))
+    else:
+        scaled_w, scaled_h = side, max(1, int(side * (height / width)))
+    if square:
+        canvas = (side, side)
+    else:
+        canvas = (-(-scaled_h // _ALIGN) * _ALIGN, -(-scaled_w // _ALIGN) * _ALIGN)
+    return ScrfdInput(scale=scaled_h / height, scaled=(scaled_h, scaled_w), canvas=canvas)
+
+
+def fill_input(
+    frame_bgr: np.ndarray, plan: ScrfdInput, out: np.ndarray, *, ops: Ops = cpu_ops
+) -> None:
+    """Pre-process: the frame scaled into the top-left of `out` (3, H, W) float32 as RGB,
+    (x - 127.5) / 128, channels first; the padding as black pixels come out."""
+    scaled_h, scaled_w = plan.scaled
+    out[:, scaled_h:, :] = _PADDING
+    out[:, :scaled_h, scaled_w:] = _PADDING
+    resized = ops.resize(frame_bgr, (scaled_w, scaled_h), interpolation="linear")
+    ops.blob_from_bgr(resized, out[:, :scaled_h, :scaled_w], mean=_MEAN, std=_STD)
 
 
 class SCRFDDetector:
@@ -31,6 +79,7 @@ class SCRFDDetector:
         score_threshold: float = 0.5,
         nms_threshold: float = 0.4,
         square: bool = False,
+        ops: Ops = cpu_ops,
     ) -> None:
         outputs = len(engine.outputs)
         if outputs != 3 * len(STRIDES):
@@ -43,34 +92,61 @@ class SCRFDDetector:
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
         self.square = square
+        self.ops = ops
         self._centres: dict[tuple[int, int, int], np.ndarray] = {}
+        # Per thread: the tracker and the source preparation may detect at once.
+        self._buffers = InputBuffers(ops.xp)
 
     def detect(self, frame_bgr: np.ndarray, *, max_side: int = 640) -> list[Detection]:
         """Faces in a BGR frame, best score first."""
-        height, width = frame_bgr.shape[:2]
-        side = max(_ALIGN, -(-max_side // _ALIGN) * _ALIGN)
-        # As the reference: the longer side fills the canvas, the other is truncated, and
-        # the scale is taken from the height actually used.
-        if height / width > 1:
-            scaled_h, scaled_w = side, max(1, int(side / (height / width)))
-        else:
-            scaled_w, scaled_h = side, max(1, int(side * (height / width)))
-        scale = scaled_h / height
-        if self.square:
-            canvas_w = canvas_h = side
-        else:
-            canvas_w = -(-scaled_w // _ALIGN) * _ALIGN
-            canvas_h = -(-scaled_h // _ALIGN) * _ALIGN
-        canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
-        canvas[:scaled_h, :scaled_w] = cv2.resize(frame_bgr, (scaled_w, scaled_h))
-        blob = (canvas[:, :, ::-1].astype(np.float32) - np.float32(_MEAN)) / np.float32(_STD)
-        blob = np.ascontiguousarray(blob.transpose(2, 0, 1)[None])
-        outputs = self._engine.run({self._input_name: blob})
-        boxes, scores, keypoints = self._decode(outputs, canvas_h, canvas_w)
+        return self.detect_batch([frame_bgr], max_side=max_side)[0]
+
+    def detect_batch(
+        self, frames_bgr: Sequence[np.ndarray], *, max_side: int = 640
+    ) -> list[list[Detection]]:
+        """The faces of each frame, best score first; frames with the same input size
+        share one forward pass."""
+        plans = [scrfd_input(f.shape, max_side, square=self.square) for f in frames_bgr]
+        results: list[list[Detection]] = [[] for _ in frames_bgr]
+        by_canvas: dict[tuple[int, int], list[int]] = {}
+        for index, plan in enumerate(plans):
+            by_canvas.setdefault(plan.canvas, []).append(index)
+        for (height, width), indices in by_canvas.items():
+            blob = self._buffers.batch(self._input_name, len(indices), (3, height, width))
+            for row, index in zip(blob, indices, strict=True):
+                fill_input(frames_bgr[index], plans[index], row, ops=self.ops)
+            outputs = self.forward(blob)
+            for row, index in enumerate(indices):
+                results[index] = self.decode([o[row] for o in outputs], plans[index])
+        return results
+
+    def forward(self, blob: np.ndarray) -> list[np.ndarray]:
+        """(N, 3, H, W) input -> the nine outputs (scores, boxes, keypoints per stride),
+        each (N, anchors, width). Exports fixed to one frame, which give outputs without
+        the batch axis, run a frame at a time."""
+        if fixed_batch(self._engine.inputs[0]) is None:
+            outputs = self._engine.run({self._input_name: blob})
+            if all(o.ndim == 3 for o in outputs):
+                return outputs
+            if len(blob) == 1:
+                return [o[None] for o in outputs]
+            raise ValueError("this SCRFD export gives no batch axis: it takes one frame")
+        per_frame = [
+            self._engine.run({self._input_name: blob[i : i + 1]}) for i in range(len(blob))
+        ]
+        return [
+            np.stack([o[0] if o.ndim == 3 else o for o in outputs])
+            for outputs in zip(*per_frame, strict=True)
+        ]
+
+    def decode(self, outputs: list[np.ndarray], plan: ScrfdInput) -> list[Detection]:
+        """Post-process one frame's outputs (batch axis taken off): its faces in frame
+        pixels, best score first, overlaps suppressed."""
+        boxes, scores, keypoints = self._decode(outputs, *plan.canvas)
         if scores.size == 0:
             return []
-        boxes /= scale
-        keypoints /= scale
+        boxes /= plan.scale
+        keypoints /= plan.scale
         order = np.argsort(-scores, kind="stable")
         boxes, scores, keypoints = boxes[order], scores[order], keypoints[order]
         keep = nms(boxes, scores, self.nms_threshold)
@@ -82,6 +158,9 @@ class SCRFDDetector:
             )
             for i in keep
         ]
+
+    def close(self) -> None:
+        self._engine.close()
 
     def anchor_centres(self, rows: int, cols: int, stride: int) -> np.ndarray:
         """(rows * cols * 2, 2) anchor centres in canvas pixels, cached per grid."""
@@ -100,10 +179,10 @@ class SCRFDDetector:
         count = len(STRIDES)
         all_boxes, all_scores, all_keypoints = [], [], []
         for index, stride in enumerate(STRIDES):
-            # Batched exports carry a leading batch dimension: take the one frame.
             scores, distances, offsets = (
-                o[0] if o.ndim == 3 else o
-                for o in (outputs[index], outputs[index + count], outputs[index + 2 * count])
+                outputs[index],
+                outputs[index + count],
+                outputs[index + 2 * count],
             )
             centres = self.anchor_centres(height // stride, width // stride, stride)
             chosen = np.nonzero(scores.reshape(-1) >= self.score_threshold)[0]
