@@ -12,17 +12,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
-import cv2
 import numpy as np
 
+from livefuse.engines import ops as cpu_ops
 from livefuse.engines.align import mesh_keypoints
+from livefuse.engines.backend import Backend, select_backend
 from livefuse.engines.blend import alpha_blend, face_mask, match_colour
 from livefuse.engines.detector import CenterFaceDetector
-from livefuse.engines.identity import IdentityFace, IdentitySwapper
+from livefuse.engines.identity import (
+    ArcFaceEmbedder,
+    IdentityFace,
+    IdentitySwapper,
+    InSwapper,
+    read_emap,
+)
 from livefuse.engines.landmarks import FaceMeshLandmarker, FaceRegion
+from livefuse.engines.ops_protocol import Ops
 from livefuse.engines.registry import KNOWN_MODELS
 from livefuse.engines.restore import FaceEnhancer, FaceParser
-from livefuse.engines.runtime import OnnxRuntimeEngine
+from livefuse.engines.runtime import Engine
 from livefuse.engines.scrfd import SCRFDDetector
 from livefuse.engines.store import ModelMissingError, ModelStore
 from livefuse.engines.swapper import MeshSwapper, SourceFace
@@ -118,7 +126,8 @@ class FacePipeline:
         cls,
         store: ModelStore,
         *,
-        threads: int,
+        threads: int = 1,
+        backend: Backend | None = None,
         swapper: SwapperChoice = "mesh",
         detector: DetectorChoice = "centerface",
         enhancer: EnhancerChoice = "none",
@@ -126,50 +135,66 @@ class FacePipeline:
         **options: object,
     ) -> FacePipeline:
         """The embedded default models from the cache, plus the bring-your-own ones the
-        choices need; ModelError if one is missing.
+        choices need, loaded by `backend` (default: the CPU's, `threads` per model);
+        ModelError if one is missing. `close` frees them.
 
         With `swapper="inswapper"` the pipeline runs both swappers: which one a face gets
         follows its source (`prepare_source(..., swapper=...)`).
         """
+        backend = backend or select_backend("cpu", threads=threads)
+        ops = backend.ops
         known = ModelStore(store.models_dir, models=KNOWN_MODELS)
-        centerface = CenterFaceDetector(
-            OnnxRuntimeEngine(store.path("centerface"), threads=threads)
-        )
-        face_detector: FaceDetector = centerface
-        if detector == "scrfd":
-            name = first_registered(known, SCRFD_MODELS)
-            face_detector = SCRFDDetector(OnnxRuntimeEngine(known.path(name), threads=threads))
-        landmarker = FaceMeshLandmarker(
-            OnnxRuntimeEngine(store.path("face_landmark"), threads=threads)
-        )
-        mesh_swapper = MeshSwapper(MeshTopology.load(store.path("facemesh_topology")))
-        identity = None
-        if swapper == "inswapper":
-            identity = IdentitySwapper.from_files(
-                embedder=known.path("w600k_r50"),
-                swapper=known.path(first_registered(known, INSWAPPER_MODELS)),
-                threads=threads,
+        loaded: list[Engine] = []
+
+        def load(path: Path) -> Engine:
+            engine = backend.load(path)
+            loaded.append(engine)
+            return engine
+
+        try:
+            centerface = CenterFaceDetector(load(store.path("centerface")))
+            face_detector: FaceDetector = centerface
+            if detector == "scrfd":
+                name = first_registered(known, SCRFD_MODELS)
+                face_detector = SCRFDDetector(load(known.path(name)), ops=ops)
+            landmarker = FaceMeshLandmarker(load(store.path("face_landmark")))
+            topology = MeshTopology.load(store.path("facemesh_topology"))
+            mesh_swapper = MeshSwapper(topology, ops=ops)
+            identity = None
+            if swapper == "inswapper":
+                embedder = load(known.path("w600k_r50"))
+                inswapper = known.path(first_registered(known, INSWAPPER_MODELS))
+                identity = IdentitySwapper(
+                    embedder=ArcFaceEmbedder(embedder, ops=ops),
+                    swapper=InSwapper(load(inswapper), read_emap(inswapper), ops=ops),
+                    ops=ops,
+                )
+            face_enhancer = None
+            if enhancer != "none":
+                name = ENHANCER_MODELS[enhancer]
+                face_enhancer = FaceEnhancer(load(known.path(name)), ops=ops)
+            parser = None
+            if occlusion:
+                parser = FaceParser(load(known.path("face_parser")), ops=ops)
+            pipeline = cls(
+                detector=centerface,
+                face_detector=face_detector,
+                enhancer=face_enhancer,
+                parser=parser,
+                landmarker=landmarker,
+                swapper=mesh_swapper,
+                identity=identity,
+                default_swapper=swapper,
+                ops=ops,
+                **options,  # type: ignore[arg-type]
             )
-        face_enhancer = None
-        if enhancer != "none":
-            name = ENHANCER_MODELS[enhancer]
-            face_enhancer = FaceEnhancer(OnnxRuntimeEngine(known.path(name), threads=threads))
-        parser = None
-        if occlusion:
-            parser = FaceParser(OnnxRuntimeEngine(known.path("face_parser"), threads=threads))
-        pipeline = cls(
-            detector=centerface,
-            face_detector=face_detector,
-            enhancer=face_enhancer,
-            parser=parser,
-            landmarker=landmarker,
-            swapper=mesh_swapper,
-            identity=identity,
-            default_swapper=swapper,
-            **options,  # type: ignore[arg-type]
-        )
+        except BaseException:
+            for engine in loaded:
+                engine.close()
+            raise
         pipeline.models_dir = store.models_dir
         pipeline.detector_choice = detector
+        pipeline._loaded = loaded
         return pipeline
 
     def __init__(
@@ -186,7 +211,10 @@ class FacePipeline:
         detection_size: int = 640,
         shape_strength: float = 1.0,
         timer: StageTimer | None = None,
+        ops: Ops = cpu_ops,
     ) -> None:
+        """`ops` is the module the pipeline's own pixel work (masks, colour, blending) goes
+        through: the backend's that the models were made with."""
         if default_swapper == "inswapper" and identity is None:
             raise ValueError("default_swapper='inswapper' needs an IdentitySwapper")
         self.detector = detector
@@ -210,6 +238,17 @@ class FacePipeline:
         self.detector_choice: DetectorChoice = (
             "scrfd" if isinstance(self.face_detector, SCRFDDetector) else "centerface"
         )
+        self.ops = ops
+        # The engines `from_store` loaded, which `close` frees; a pipeline assembled from
+        # parts leaves them to whoever made them.
+        self._loaded: list[Engine] = []
+
+    def close(self) -> None:
+        """Free every model engine this pipeline loaded (`from_store`); idempotent. The
+        pipeline cannot run models after."""
+        loaded, self._loaded = self._loaded, []
+        for engine in loaded:
+            engine.close()
 
     def find_faces(self, image_bgr: np.ndarray) -> list[FaceMesh]:
         """Meshes of the faces in a still image, largest first.
@@ -347,7 +386,7 @@ class FacePipeline:
         if kept is not None:
             box, original, occluding = kept
             x1, y1, x2, y2 = box
-            alpha_blend(frame_bgr[y1:y2, x1:x2], original, occluding)
+            alpha_blend(frame_bgr[y1:y2, x1:x2], original, occluding, ops=self.ops)
 
     def _swap_mesh_in_place(
         self,
@@ -378,7 +417,7 @@ class FacePipeline:
             factors = np.array([small[0] / width, small[1] / height, scale], dtype=np.float32)
             local = (points - (x1, y1, 0)) * factors
             rendered, coverage = self.swapper.warp(source, local, (0, 0, *small))
-            target = cv2.resize(region, small, interpolation=cv2.INTER_AREA)
+            target = self.ops.resize(region, small, interpolation="area")
             face_size = mesh.size * scale
             mask_points, mask_box = local, (0, 0, *small)
         else:
@@ -389,14 +428,21 @@ class FacePipeline:
         started = time.perf_counter()
         # The mesh's coverage is its own silhouette: past the oval it is kept over the
         # target's skin (see `face_mask`).
+        ops = self.ops
         alpha = face_mask(
-            mask_points, self.swapper.topology, coverage, mask_box, face_size, target=target
+            mask_points,
+            self.swapper.topology,
+            coverage,
+            mask_box,
+            face_size,
+            target=target,
+            ops=ops,
         )
-        rendered = match_colour(rendered, target, alpha, face_size)
+        rendered = match_colour(rendered, target, alpha, face_size, ops=ops)
         if small != (width, height):
-            rendered = cv2.resize(rendered, (width, height), interpolation=cv2.INTER_LINEAR)
-            alpha = cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
-        alpha_blend(region, rendered, alpha)
+            rendered = ops.resize(rendered, (width, height), interpolation="linear")
+            alpha = ops.resize(alpha, (width, height), interpolation="linear")
+        alpha_blend(region, rendered, alpha, ops=ops)
         self.timer.add("blend", started)
         return BlendedRegion(box, alpha, points)
 
@@ -417,9 +463,10 @@ class FacePipeline:
         started = time.perf_counter()
         x1, y1, x2, y2 = box
         region = frame_bgr[y1:y2, x1:x2]
-        alpha = face_mask(mesh.points, self.swapper.topology, coverage, box, mesh.size)
-        rendered = match_colour(rendered, region, alpha, mesh.size)
-        alpha_blend(region, rendered, alpha)
+        ops = self.ops
+        alpha = face_mask(mesh.points, self.swapper.topology, coverage, box, mesh.size, ops=ops)
+        rendered = match_colour(rendered, region, alpha, mesh.size, ops=ops)
+        alpha_blend(region, rendered, alpha, ops=ops)
         self.timer.add("blend", started)
         return BlendedRegion(box, alpha, mesh.points)
 
@@ -433,7 +480,7 @@ class FacePipeline:
         keypoints = mesh_keypoints(swapped.points, self.swapper.topology)
         restored, coverage = self.enhancer.enhance(frame_bgr, keypoints, swapped.box)
         x1, y1, x2, y2 = swapped.box
-        alpha_blend(frame_bgr[y1:y2, x1:x2], restored, coverage * swapped.alpha)
+        alpha_blend(frame_bgr[y1:y2, x1:x2], restored, coverage * swapped.alpha, ops=self.ops)
         self.timer.add("enhance", started)
 
     def _find_occluders(
@@ -452,12 +499,11 @@ class FacePipeline:
         # Only over the face: around it, the swap's own mask already keeps the target. The
         # mesh's hull, not its oval: a turned face's swapped nose stands out past the oval.
         x1, y1, x2, y2 = box
-        inside = np.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
-        hull = cv2.convexHull(np.round(mesh.points[:, :2] - (x1, y1)).astype(np.int32))
-        cv2.fillConvexPoly(inside, hull, 1)
+        inside = self.ops.xp.zeros((y2 - y1, x2 - x1), dtype=np.uint8)
+        self.ops.fill_convex_hull(inside, mesh.points[:, :2] - (x1, y1), 1)
         occluding *= inside
         self.timer.add("occlusion", started)
-        if not occluding.any():
+        if not self.ops.to_host(occluding.any()):
             return None
         return box, frame_bgr[y1:y2, x1:x2].copy(), occluding
 
