@@ -1,27 +1,22 @@
-"""Video encoder settings for live 720p30 on a small CPU.
+"""Video codec settings for live 720p30 on a small CPU.
 
 aiortc's defaults suit a 640x480 demo: its H.264 encoder runs libx264's default `medium`
 preset (more than a 720p frame's budget on one core of a small machine) and caps bitrates
-at 3 Mbit/s (H.264) and 1.5 Mbit/s (VP8), which smears 720p faces. `install()` swaps in an
-H.264 encoder on the `ultrafast` preset with `zerolatency` and raises the caps; the
-receiver's bandwidth estimate (REMB) still steers the rate inside them. VP8 (libvpx) costs
-more per frame than ultrafast x264 at the same bitrate, so H.264 goes first in every
-answer (`prefer_h264`) and VP8 is what a peer without H.264 gets.
+at 3 Mbit/s (H.264) and 1.5 Mbit/s (VP8), which smears 720p faces.
 
-aiortc picks encoders through `aiortc.rtcrtpsender.get_encoder`, so that is the one hook
-replaced; everything else (packetisation, keyframes on PLI/FIR) stays aiortc's.
+- H.264 does not go through aiortc's encoder at all: a session encodes once, with
+  `H264_PRESET` inside `H264_BITRATES`, for all its H.264 senders
+  (`livefuse.stream.shared_encode`), which pack the packets.
+- VP8 (libvpx) costs more per frame than ultrafast x264 at the same bitrate, so H.264 goes
+  first in every answer (`prefer_h264`) and VP8 is what a peer without H.264 gets, from
+  aiortc's own encoder, one per sender. `install()` raises that encoder's bitrate caps; the
+  receiver's bandwidth estimate (REMB) still steers the rate inside them.
 """
 
 from __future__ import annotations
 
-import fractions
-from collections.abc import Iterator
-
-import av
-from aiortc import RTCRtpTransceiver, rtcrtpsender
-from aiortc.codecs import get_encoder as aiortc_get_encoder
-from aiortc.codecs import h264, vpx
-from aiortc.codecs.base import Encoder
+from aiortc import RTCRtpTransceiver
+from aiortc.codecs import vpx
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 H264_PRESET = "ultrafast"
@@ -29,57 +24,20 @@ H264_BITRATES = (800_000, 3_000_000, 8_000_000)  # min, start, max (bit/s)
 VP8_BITRATES = (400_000, 2_000_000, 5_000_000)
 
 
-class LiveH264Encoder(h264.H264Encoder):
-    """aiortc's H.264 encoder with a preset that keeps up with 720p30 on one core."""
-
-    def _encode_frame(self, frame: av.VideoFrame, force_keyframe: bool) -> Iterator[bytes]:
-        codec = self.codec
-        if codec is not None and (
-            frame.width != codec.width
-            or frame.height != codec.height
-            # like aiortc: rebuild only when the target moves by more than 10 %
-            or abs(self.target_bitrate - (codec.bit_rate or 0)) / (codec.bit_rate or 1) > 0.1
-        ):
-            self.buffer_data = b""
-            self.buffer_pts = None
-            self.codec = None
-        frame.pict_type = (
-            av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
-        )
-        if self.codec is None:
-            self.codec = codec = av.CodecContext.create("libx264", "w")
-            codec.width = frame.width
-            codec.height = frame.height
-            codec.bit_rate = self.target_bitrate
-            codec.pix_fmt = "yuv420p"
-            codec.framerate = fractions.Fraction(h264.MAX_FRAME_RATE, 1)
-            codec.time_base = fractions.Fraction(1, h264.MAX_FRAME_RATE)
-            # Level 4.0 admits 1080p30 and the bitrates above; Baseline is what every
-            # WebRTC peer decodes.
-            codec.options = {"level": "40", "tune": "zerolatency", "preset": H264_PRESET}
-            codec.profile = "Baseline"
-        data = b"".join(bytes(packet) for packet in self.codec.encode(frame))
-        if data:
-            yield from self._split_bitstream(data)
-
-
-def _get_encoder(codec: RTCRtpCodecParameters) -> Encoder:
-    if codec.mimeType.lower() == "video/h264":
-        return LiveH264Encoder()
-    return aiortc_get_encoder(codec)
-
-
 def install() -> None:
-    """Use the live encoder settings for every aiortc sender in this process. Idempotent."""
-    h264.MIN_BITRATE, h264.DEFAULT_BITRATE, h264.MAX_BITRATE = H264_BITRATES
+    """Raise aiortc's VP8 bitrate caps for every VP8 sender in this process. Idempotent.
+
+    aiortc reads them from module globals (`aiortc.codecs.vpx`) and offers no per-sender
+    setting, so they are set there; this is the one patch of aiortc left, and only the
+    VP8 fallback needs it.
+    """
     vpx.MIN_BITRATE, vpx.DEFAULT_BITRATE, vpx.MAX_BITRATE = VP8_BITRATES
-    rtcrtpsender.get_encoder = _get_encoder
 
 
-def prefer_h264(transceiver: RTCRtpTransceiver) -> None:
+def prefer_h264(transceiver: RTCRtpTransceiver) -> bool:
     """Put H.264 first among the codecs negotiated from a remote offer (call it between
     `setRemoteDescription` and `createAnswer`): the answer lists them in this order and
-    both ends send with the first.
+    both ends send with the first. True when that is H.264 (the offer had it).
 
     `setCodecPreferences` cannot do this for an answerer: aiortc creates the transceiver
     inside `setRemoteDescription` and matches preferences by exact fmtp parameters, which
@@ -95,13 +53,14 @@ def prefer_h264(transceiver: RTCRtpTransceiver) -> None:
         if codec.payloadType in by_apt:
             result.append(by_apt[codec.payloadType])
     transceiver._codecs = result
+    return bool(result) and result[0].mimeType.lower() == "video/h264"
 
 
 # Sent to the peer in our answer's fmtp lines, in kbit/s. aiortc's receive-side estimate
 # (REMB) reads a busy event loop's late packet reads as congestion and can drive a
 # browser's sender down to 30 kbit/s, at which 720p is a smear of blocks; a browser honours
-# these floors for its own sender. The bench and the tests see the same through aiortc's
-# sender, whose floor is `H264_BITRATES[0]`.
+# these floors for its own sender. Toward aiortc peers (the bench, the tests) the shared
+# H.264 encode follows REMB no lower than `H264_BITRATES[0]`.
 BROWSER_BITRATE_KBPS = (1_500, 3_000, 8_000)  # min, start, max
 _BITRATE_CODECS = ("h264", "vp8")
 

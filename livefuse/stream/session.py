@@ -2,7 +2,8 @@
 
 A `StreamSession` owns everything per stream and nothing else: the real-time pipeline
 (it holds the face tracks), the scheduler's two worker threads, the task that reads the
-publisher's video, the output slot every sender pulls from, and the audio relay. It is
+publisher's video, the output slot every sender pulls from, the one H.264 encode its
+H.264 senders share (and its thread), and the audio relay. It is
 built with its dependencies (`RealtimePipeline`, the loop, callbacks) and torn down by
 `close()`, which leaves no task or thread behind. The web layer decides when a session
 starts and ends; here is only what happens to the frames.
@@ -15,7 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import av
@@ -25,6 +26,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from livefuse.stream.realtime import FrameStats, ProcessedFrame, RealtimePipeline
 from livefuse.stream.scheduler import ThreadedScheduler
+from livefuse.stream.shared_encode import EncodedVideoTrack, SharedH264Encoder
 from livefuse.stream.tracks import (
     OutputSlot,
     ProcessedVideoTrack,
@@ -57,7 +59,10 @@ class SessionStats:
     swapped: int
     errors: dict[str, int]
     repeats: int
-    """Frames re-sent because no new one was ready (summed over the outputs)."""
+    """Frames re-sent because no new one was ready (the shared H.264 encode's, plus each
+    VP8 output's)."""
+    encode: dict[str, float] = field(default_factory=dict)
+    """The shared H.264 encode (`EncoderStats`); empty while no H.264 sender has joined."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +78,7 @@ class SessionStats:
             "swapped": self.swapped,
             "errors": self.errors,
             "repeated_frames": self.repeats,
+            "encode": self.encode,
         }
 
 
@@ -118,6 +124,7 @@ class StreamSession:
         self._latencies: deque[float] = deque(maxlen=_STATS_WINDOW)
         self._last_stats: FrameStats | None = None
         self._outputs: list[ProcessedVideoTrack] = []
+        self._h264: SharedH264Encoder | None = None
         self._audio: MediaStreamTrack | None = None
         self._audio_relay = MediaRelay()
         self._tasks: list[asyncio.Task[None]] = []
@@ -202,8 +209,16 @@ class StreamSession:
         if self._on_frame is not None:
             self._on_frame(frame.stats)
 
-    def video_output(self) -> ProcessedVideoTrack:
-        """A new track of the processed video for one more sender."""
+    def video_output(self, *, h264: bool = False) -> EncodedVideoTrack | ProcessedVideoTrack:
+        """A new track of the processed video for one more sender: with `h264` (the
+        sender's codec is H.264), packets of the session's one shared encode; else raw
+        frames that the sender's own encoder (VP8) compresses."""
+        if h264:
+            if self._h264 is None:
+                self._h264 = SharedH264Encoder(
+                    self.output, loop=self._loop, name=f"livefuse-{self.id[:8]}-h264"
+                )
+            return self._h264.track()
         track = ProcessedVideoTrack(self.output)
         self._outputs = [t for t in self._outputs if t.readyState == "live"]
         self._outputs.append(track)
@@ -221,6 +236,10 @@ class StreamSession:
         now = time.monotonic()
         last = self._last_stats
         latencies = list(self._latencies)
+        encode = self._h264.stats() if self._h264 is not None else None
+        errors = dict(self.pipeline.errors)
+        if encode is not None and encode.errors:
+            errors["encode"] = encode.errors
         return SessionStats(
             fps_in=_rate(self._in_times, now),
             fps_out=_rate(self._out_times, now),
@@ -234,8 +253,9 @@ class StreamSession:
             quality_mode=self.pipeline.quality,
             faces=last.faces if last else 0,
             swapped=last.swapped if last else 0,
-            errors=dict(self.pipeline.errors),
-            repeats=sum(t.repeats for t in self._outputs),
+            errors=errors,
+            repeats=sum(t.repeats for t in self._outputs) + (encode.repeats if encode else 0),
+            encode=encode.as_dict() if encode else {},
         )
 
     @property
@@ -267,6 +287,8 @@ class StreamSession:
         self.output.close()
         for track in self._outputs:
             track.stop()
+        if self._h264 is not None:
+            await self._h264.close()
         # Joining the workers may wait for a frame in flight, and a tracking child process
         # takes a moment to stop: not on the loop.
         await asyncio.to_thread(self._stop_workers)

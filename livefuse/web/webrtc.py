@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from aiohttp import web
 from aiortc import MediaStreamTrack, RTCIceCandidate, RTCPeerConnection, RTCSessionDescription
@@ -21,6 +21,7 @@ from livefuse.engines.pipeline import FaceSelection
 from livefuse.stream import codecs
 from livefuse.stream.quality import QUALITY_MODES
 from livefuse.stream.realtime import RealtimePipeline
+from livefuse.stream.shared_encode import EncodedVideoTrack
 from livefuse.web.errors import ApiError, sdp_error
 from livefuse.web.service import LiveSession, close_peer
 
@@ -88,18 +89,38 @@ def etag_for(session_key: str) -> str:
     return '"' + hashlib.sha256(session_key.encode()).hexdigest()[:16] + '"'
 
 
+class VideoOutput(Protocol):
+    """`StreamSession.video_output`: a track of the processed video for a sender whose
+    codec is H.264 (`h264=True`, packets of the shared encode) or not (raw frames)."""
+
+    def __call__(self, *, h264: bool) -> MediaStreamTrack: ...
+
+
 async def answer(
-    pc: RTCPeerConnection, offer_sdp: str, *, send: Sequence[MediaStreamTrack] = ()
+    pc: RTCPeerConnection,
+    offer_sdp: str,
+    *,
+    video: VideoOutput | None = None,
+    send: Sequence[MediaStreamTrack] = (),
 ) -> str:
-    """Apply the offer, add the tracks to `send` on its m-lines, prefer H.264 and return
-    the answer's SDP; a 400 when aiortc cannot take the offer."""
+    """Apply the offer, prefer H.264, add the processed video (from `video`, in the form
+    the negotiated codec takes) and the tracks of `send` on its m-lines and return the
+    answer's SDP; a 400 when aiortc cannot take the offer."""
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-        for track in send:
-            pc.addTrack(track)
+        h264 = False
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "video":
-                codecs.prefer_h264(transceiver)
+                h264 = codecs.prefer_h264(transceiver)
+        if video is not None:
+            # A sender with H.264 gets the session's shared encode; one without (VP8
+            # only) encodes the raw frames itself.
+            track = video(h264=h264)
+            sender = pc.addTrack(track)
+            if isinstance(track, EncodedVideoTrack):
+                track.listen_to(sender)
+        for track in send:
+            pc.addTrack(track)
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as error:  # aiortc raises several types for offers it cannot take
         raise sdp_error(
@@ -166,8 +187,8 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
 
         # A sendrecv publisher gets the processed video back on the same m-line; its
         # audio is not echoed back to it.
-        send = [stream.video_output()] if direction == "sendrecv" else []
-        answer_sdp = await answer(pc, offer_sdp, send=send)
+        video = stream.video_output if direction == "sendrecv" else None
+        answer_sdp = await answer(pc, offer_sdp, video=video)
     except BaseException:
         service.release_reservation()
         await stream.close()
@@ -301,11 +322,11 @@ async def whep_post(request: web.Request, service: Service) -> web.Response:
     pc = service.new_peer_connection()
     viewer_id = service.new_id()
     try:
-        send: list[MediaStreamTrack] = [session.stream.video_output()]
+        send: list[MediaStreamTrack] = []
         audio = session.stream.audio_output()
         if audio is not None and any(m.kind == "audio" for m in description.media):
             send.append(audio)
-        answer_sdp = await answer(pc, offer_sdp, send=send)
+        answer_sdp = await answer(pc, offer_sdp, video=session.stream.video_output, send=send)
     except BaseException:
         await close_peer(pc)
         raise
