@@ -11,7 +11,7 @@ import asyncio
 import fractions
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +25,12 @@ from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtp import RtpPacket
 
 from livefuse.settings import Settings
 from livefuse.web.app import SERVICE_KEY, create_app
@@ -140,6 +143,47 @@ async def _collect(track: MediaStreamTrack, into: Received) -> None:
             into.add(frame.to_ndarray(format="bgr24"))
 
 
+class RtpLog:
+    """The video a receiver got, frame by frame as it came off the wire (before aiortc
+    decodes it): to check what the sender sent, where it started, where its keyframes
+    are. Each frame is the depayloaded bytes of one RTP timestamp (Annex B for H.264).
+
+    It listens by wrapping this one receiver's RTP handler; retransmissions (RTX) are
+    not seen, which on loopback means none are missing.
+    """
+
+    def __init__(self, receiver: RTCRtpReceiver) -> None:
+        self.receiver = receiver
+        self.frames: list[tuple[float, bytes]] = []
+        """(arrival time on the monotonic clock, data) per complete frame."""
+        self.media_ssrc: int | None = None
+        self._parts: list[bytes] = []
+        self._timestamp: int | None = None
+        handle = receiver._handle_rtp_packet
+
+        async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
+            await handle(packet, arrival_time_ms)
+            data = getattr(packet, "_data", None)  # set by aiortc for media, not RTX
+            if data is not None:
+                self._add(packet, data)
+
+        receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
+
+    def _add(self, packet: RtpPacket, data: bytes) -> None:
+        self.media_ssrc = packet.ssrc
+        if packet.timestamp != self._timestamp:
+            self._parts, self._timestamp = [], packet.timestamp
+        self._parts.append(data)
+        if packet.marker:
+            self.frames.append((time.monotonic(), b"".join(self._parts)))
+            self._parts = []
+
+    async def send_pli(self) -> None:
+        """Report picture loss to the sender, as aiortc does after a decoding error."""
+        assert self.media_ssrc is not None, "no video came yet"
+        await self.receiver._send_rtcp_pli(self.media_ssrc)
+
+
 @dataclass
 class Peer:
     pc: RTCPeerConnection
@@ -150,6 +194,7 @@ class Peer:
     answer: str = ""
     etag: str = ""
     audio_frames: int = 0
+    rtp: RtpLog | None = None
 
     @property
     def session_id(self) -> str:
@@ -229,14 +274,32 @@ async def publish(
 
 
 async def watch(
-    http: aiohttp.ClientSession, base: str, session_id: str, *, token: str | None
+    http: aiohttp.ClientSession,
+    base: str,
+    session_id: str,
+    *,
+    token: str | None,
+    codecs: Sequence[str] | None = None,
+    rtp: bool = False,
 ) -> Peer:
-    """A WHEP viewer of a session (video and audio)."""
+    """A WHEP viewer of a session (video and audio). `codecs` (e.g. ["VP8"]) narrows the
+    video formats it offers; `rtp` logs the video as it arrives (`Peer.rtp`)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("video", direction="recvonly")
+    video = pc.addTransceiver("video", direction="recvonly")
+    if codecs is not None:
+        wanted = {f"video/{name}".lower() for name in codecs}
+        video.setCodecPreferences(
+            [
+                codec
+                for codec in RTCRtpSender.getCapabilities("video").codecs
+                if codec.mimeType.lower() in wanted
+            ]
+        )
     pc.addTransceiver("audio", direction="recvonly")
     received = Received()
     peer = Peer(pc=pc, location="", received=received)
+    if rtp:
+        peer.rtp = RtpLog(video.receiver)
 
     async def count_audio(remote: MediaStreamTrack) -> None:
         while True:
