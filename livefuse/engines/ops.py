@@ -114,7 +114,8 @@ def remap(
 ) -> Array:
     """out[y, x] = image sampled bilinearly at (map_x[y, x], map_y[y, x]); float32 maps
     of the output's (height, width). Outside the image as in `warp_affine`. Same dtype
-    and channels as `image`."""
+    and channels as `image`. (OpenCV 5.0 misreads a few pixels of the last row when
+    every coordinate of the map lies outside the image: no pixel the engines use.)"""
     return np.asarray(
         cv2.remap(
             image,
