@@ -122,15 +122,12 @@ class SCRFDDetector:
 
     def forward(self, blob: np.ndarray) -> list[np.ndarray]:
         """(N, 3, H, W) input -> the nine outputs (scores, boxes, keypoints per stride),
-        each (N, anchors, width). Exports fixed to one frame, which give outputs without
-        the batch axis, run a frame at a time."""
+        each (N, anchors, width). Exports fixed to one frame run a frame at a time. Most
+        exports give their outputs without the batch axis, the frames' anchors one after
+        the other (InsightFace reshapes to rows of scores, boxes or keypoints)."""
         if fixed_batch(self._engine.inputs[0]) is None:
             outputs = self._engine.run({self._input_name: blob})
-            if all(o.ndim == 3 for o in outputs):
-                return outputs
-            if len(blob) == 1:
-                return [o[None] for o in outputs]
-            raise ValueError("this SCRFD export gives no batch axis: it takes one frame")
+            return [o.reshape(len(blob), -1, o.shape[-1]) for o in outputs]
         per_frame = [
             self._engine.run({self._input_name: blob[i : i + 1]}) for i in range(len(blob))
         ]

@@ -106,6 +106,26 @@ def test_scrfd_detects_a_batch_of_frames_as_each_alone(
             assert np.array_equal(a.keypoints, b.keypoints)
 
 
+def test_scrfd_with_a_free_batch_axis_runs_frames_of_one_size_in_one_pass(
+    folder: Path, astronaut_bgr: np.ndarray
+) -> None:
+    """Exports with a free batch axis still give rows without it, frame after frame."""
+    fixed = make_scrfd(folder / "scrfd_fixed.onnx")
+    model = onnx.load(str(fixed))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    free = folder / "scrfd_free.onnx"
+    onnx.save(model, str(free))
+    detector = SCRFDDetector(OnnxRuntimeEngine(free))
+    assert detector.forward(np.zeros((2, 3, 64, 64), np.float32))[0].shape[:2] == (2, 128)
+    frames = [astronaut_bgr, np.ascontiguousarray(astronaut_bgr[:, ::-1])]
+    reference = SCRFDDetector(OnnxRuntimeEngine(fixed))
+    for found, frame in zip(detector.detect_batch(frames, max_side=320), frames, strict=True):
+        alone = reference.detect(frame, max_side=320)
+        assert len(found) == len(alone) > 0
+        for a, b in zip(found, alone, strict=True):
+            np.testing.assert_allclose(a.box, b.box, atol=1e-3)
+
+
 def _doubler(path: Path, batch: int) -> Path:
     """x (batch, 3) -> 2x: a graph fixed to `batch` rows."""
     graph = helper.make_graph(
