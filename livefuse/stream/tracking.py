@@ -11,10 +11,9 @@ and two tracks that converge on one face are merged (the older id survives).
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from livefuse.engines.landmarks import FaceMeshLandmarker, FaceRegion
@@ -31,16 +30,6 @@ _NEW_TRACKS_PER_FRAME = 2
 _REJECT_FRAMES = 30
 # Two tracks whose meshes overlap this much have converged on the same face.
 _MERGE_IOU = 0.6
-
-
-def _reduced(frame_bgr: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """The frame scaled so its longer side is at most `max_side`, and the factor back."""
-    height, width = frame_bgr.shape[:2]
-    scale = min(1.0, max_side / max(height, width))
-    if scale == 1.0:
-        return frame_bgr.copy(), 1.0
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(frame_bgr, size, interpolation=cv2.INTER_AREA), width / size[0]
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -82,6 +71,27 @@ class Track:
 
 
 @dataclass(frozen=True)
+class DetectRequest:
+    """The tracker needs the faces in `image`, detected at `max_side`."""
+
+    image: np.ndarray
+    max_side: int
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """The tracker needs a landmark fit of each region of `image`, in order."""
+
+    image: np.ndarray
+    regions: Sequence[FaceRegion]
+
+
+TrackerRequest = DetectRequest | FitRequest
+TrackerAnswer = list[Detection] | list[FaceMesh]
+TrackerSteps = Generator[TrackerRequest, TrackerAnswer, "TrackingCounts"]
+
+
+@dataclass(frozen=True)
 class TrackingCounts:
     """What one update did, for stats and the bench."""
 
@@ -98,19 +108,8 @@ class FaceTracker:
         detector: FaceDetector,
         landmarker: FaceMeshLandmarker,
         smoothing: OneEuroParams | None = None,
-        detect_in_background: bool = False,
     ) -> None:
-        """`detect_in_background=True` runs the detector on a worker thread and uses its
-        faces from the next frame on: the frames it runs on are then no later than the
-        others (the landmarks of the tracked faces do not wait for it), at the price of
-        new faces being picked up one frame later."""
         self.detector = detector
-        self._background = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="livefuse-detect")
-            if detect_in_background
-            else None
-        )
-        self._pending: Future[list[Detection]] | None = None
         self._backlog: list[Detection] = []
         self._rejected: list[tuple[np.ndarray, int]] = []
         self.landmarker = landmarker
@@ -125,7 +124,6 @@ class FaceTracker:
     def reset(self) -> None:
         self.tracks = []
         self._fit_share = 0.0
-        self._pending = None
         self._backlog = []
         self._rejected = []
         self._want_detection = True
@@ -139,7 +137,40 @@ class FaceTracker:
         detect_interval: int,
         landmark_interval: int = 1,
     ) -> TrackingCounts:
-        """Follow the faces into this frame.
+        """Follow the faces into this frame, running the models here (one stream alone;
+        the frame engine drives `steps` of many trackers together instead)."""
+        steps = self.steps(
+            frame_bgr,
+            timestamp,
+            detect_size=detect_size,
+            detect_interval=detect_interval,
+            landmark_interval=landmark_interval,
+        )
+        answer: TrackerAnswer | None = None
+        while True:
+            try:
+                request = steps.send(answer) if answer is not None else next(steps)
+            except StopIteration as done:
+                counts: TrackingCounts = done.value
+                return counts
+            if isinstance(request, DetectRequest):
+                answer = self.detector.detect(request.image, max_side=request.max_side)
+            else:
+                answer = self.landmarker.landmarks(request.image, request.regions)
+
+    def steps(
+        self,
+        frame_bgr: np.ndarray,
+        timestamp: float,
+        *,
+        detect_size: int,
+        detect_interval: int,
+        landmark_interval: int = 1,
+    ) -> TrackerSteps:
+        """`update` as a generator: it yields what it needs the models for (a
+        `DetectRequest`, answered with the detections; a `FitRequest`, answered with one
+        mesh per region) and returns the counts. Whoever drives it may answer the
+        requests of many trackers with one batched forward pass each.
 
         Each track's landmarks are refitted every `landmark_interval` frames and reused
         as they are in between; the tracks take turns, so each frame refits 1/interval of
@@ -155,25 +186,18 @@ class FaceTracker:
             or not self.tracks
             or self._frames_since_detection >= detect_interval
         )
-        detections: list[Detection] = []
-        if self._pending is not None and self._pending.done():
-            pending, self._pending = self._pending, None
-            detections = pending.result()
         if detect:
-            if self._background is None:
-                detections = self._detect(frame_bgr, detect_size)
-            elif self._pending is None:
-                # The frame's memory is reused for the next frame: hand the worker its own
-                # reduced copy, which is also all the detector looks at.
-                small, factor = _reduced(frame_bgr, detect_size)
-                self._pending = self._background.submit(self._detect, small, detect_size, factor)
+            found = yield DetectRequest(frame_bgr, detect_size)
+            self._backlog = [
+                d
+                for d in found
+                if isinstance(d, Detection) and max(d.width, d.height) >= MIN_FACE_SIZE
+            ]
             self._frames_since_detection = 0
             self._want_detection = False
         # Faces are started a few per frame: a crowd coming into view at once would
         # otherwise cost two landmark fits each on one frame, and make it late. The rest
         # wait (re-checked against the tracks) until a newer detection replaces them.
-        if detections:
-            self._backlog = detections
         self._rejected = [
             (box, frame) for box, frame in self._rejected if self._frame - frame < _REJECT_FRAMES
         ]
@@ -192,11 +216,15 @@ class FaceTracker:
         tracked_regions = [FaceRegion.from_points(t.raw.points) for t in refitted]
         new_regions = [FaceRegion.from_detection(d) for d in unmatched]
         regions = tracked_regions + new_regions
-        meshes = self.landmarker.landmarks(frame_bgr, regions) if regions else []
+        meshes = _meshes((yield FitRequest(frame_bgr, regions))) if regions else []
         tracked_meshes, first_fits = meshes[: len(tracked_regions)], meshes[len(tracked_regions) :]
         new_meshes = (
-            self.landmarker.landmarks(
-                frame_bgr, [FaceRegion.from_points(m.points) for m in first_fits]
+            _meshes(
+                (
+                    yield FitRequest(
+                        frame_bgr, [FaceRegion.from_points(m.points) for m in first_fits]
+                    )
+                )
             )
             if first_fits
             else []
@@ -250,18 +278,6 @@ class FaceTracker:
         overdue = [t for t in waiting if self._frame - t.last_fit >= max(interval, t.fit_interval)]
         return waiting[: max(count, len(overdue))]
 
-    def _detect(
-        self, frame_bgr: np.ndarray, detect_size: int, factor: float = 1.0
-    ) -> list[Detection]:
-        """Faces big enough to track, in the coordinates of a frame `factor` times larger."""
-        found = self.detector.detect(frame_bgr, max_side=detect_size)
-        if factor != 1.0:
-            found = [
-                Detection(box=d.box * factor, score=d.score, keypoints=d.keypoints * factor)
-                for d in found
-            ]
-        return [d for d in found if max(d.width, d.height) >= MIN_FACE_SIZE]
-
     def _usable(self, mesh: FaceMesh) -> bool:
         return (
             mesh.presence >= self.landmarker.presence_threshold
@@ -305,3 +321,10 @@ class FaceTracker:
             if all(box_iou(track.raw.box, k.raw.box) < _MERGE_IOU for k in kept):
                 kept.append(track)
         return kept
+
+
+def _meshes(answer: TrackerAnswer) -> list[FaceMesh]:
+    """A fit request's answer, checked: the generator's send type covers both kinds."""
+    if not all(isinstance(mesh, FaceMesh) for mesh in answer):
+        raise TypeError("a fit request must be answered with meshes")
+    return [mesh for mesh in answer if isinstance(mesh, FaceMesh)]
