@@ -76,6 +76,16 @@ class ChildProcess:
             self._ready = True
         return fresh
 
+    def poll_ready(self) -> bool:
+        """Whether the child has loaded its models and answered; never waits. Raises
+        RuntimeError if it failed to start."""
+        if self._conn is None:
+            return False
+        if not self._ready and self._conn.poll(0):
+            self.receive(timeout=0)
+            self._ready = True
+        return self._ready
+
     def send(self, message: tuple[Any, ...]) -> None:
         if self._conn is None:
             raise RuntimeError(f"{self.name} is not running")
@@ -145,14 +155,19 @@ class ChildProcess:
 
 
 class SharedFrames:
-    """The child's view of the parent's shared frame blocks (attached once each)."""
+    """The child's view of the parent's shared frame blocks (attached once each; the
+    last few are kept, as a parent may take turns between blocks)."""
+
+    _KEPT = 4
 
     def __init__(self) -> None:
         self._attached: dict[str, SharedMemory] = {}
 
     def frame(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self._attached:
-            self.close()
+            while len(self._attached) >= self._KEPT:
+                oldest = next(iter(self._attached))
+                self._attached.pop(oldest).close()
             # A spawned child shares the parent's resource tracker, so attaching adds
             # nothing to clean up; the parent unlinks the block.
             self._attached[name] = SharedMemory(name=name)
