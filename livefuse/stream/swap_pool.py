@@ -1,0 +1,482 @@
+"""The CPU scheduler's swap workers: part of each batch's faces swapped in child processes.
+
+On the CPU backend the swap stage is the engine's heaviest, and much of it is Python
+holding the GIL: a second thread of the same process would mostly wait for the first.
+A spawned child has an interpreter (and a core) of its own. `SwapPool` is the engine's
+stage B helper: it splits a batch's faces into units that touch disjoint pixels (a
+frame's faces grouped so that no two groups' swap regions overlap), keeps some units for
+the engine's own thread and sends the rest to its children through shared memory: each
+unit's box is copied into a frame-sized place there, the child swaps it in frame
+coordinates (the same pixels the engine's thread would draw), and the swapped face
+regions are copied back.
+
+Only the mesh swapper's faces travel: inswapper, the face enhancer and the occlusion
+parser read beyond a face's own surroundings, so batches that use them stay in-thread.
+A child that dies, hangs or fails loses only its units of that batch (those faces go out
+unswapped, counted as a swap error); the next batch starts a new child, after a pause if
+it keeps failing. While a child is starting (loading its models), its share stays here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from livefuse.engines.swapper import SourceFace
+from livefuse.engines.types import FaceMesh
+from livefuse.stream.child_process import NO_REPLY, ChildProcess, SharedFrames, serve
+from livefuse.stream.frames import FrameJob, TrackedFace
+
+log = logging.getLogger(__name__)
+
+# How far past its landmarks' box one mesh swap reads and writes, in face sizes: the
+# reshape ring lies 0.35 of the oval's half-width beyond it, the blend box 0.08 of the
+# size, the colour sample and the remap's interpolation a pixel or two more.
+SWAP_REACH = 0.35
+_REACH_PIXELS = 4
+# Requests a child may have in flight: one being swapped, one being copied back.
+_SLOTS_PER_CHILD = 2
+# The smallest shared block made (four 720p frames); a block is only address space until
+# its pages are written, and only the faces' boxes ever are.
+_MIN_SLOT_BYTES = 4 * 1280 * 720 * 3
+# Sources a child keeps (a session's source is sent once, then named by its key).
+_SOURCES_KEPT = 64
+# A child that failed is not started again for this long (a broken model file would
+# otherwise respawn it every batch).
+_RESTART_PAUSE_S = 5.0
+
+SwapFace = Callable[[np.ndarray, SourceFace, TrackedFace], None]
+"""Swap one face into an image in place (the engine's own swap, with the frame's level)."""
+
+
+@dataclass(frozen=True)
+class SwapUnit:
+    """Faces of one frame whose swap regions touch no other unit's: swapped together, in
+    order, on one worker. `box` (x1, y1, x2, y2) covers all their regions."""
+
+    job: FrameJob
+    faces: tuple[TrackedFace, ...]
+    regions: tuple[tuple[int, int, int, int], ...]
+    box: tuple[int, int, int, int]
+
+    @property
+    def cost(self) -> float:
+        return float(sum(face.mesh.size**2 for face in self.faces))
+
+
+def swap_region(mesh: FaceMesh, frame_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The pixels one mesh swap of this face may read or write, clipped to the frame."""
+    height, width = frame_shape[:2]
+    reach = mesh.size * SWAP_REACH + _REACH_PIXELS
+    x1, y1, x2, y2 = mesh.box
+    return (
+        max(0, int(np.floor(x1 - reach))),
+        max(0, int(np.floor(y1 - reach))),
+        min(width, int(np.ceil(x2 + reach))),
+        min(height, int(np.ceil(y2 + reach))),
+    )
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def swap_units(job: FrameJob, faces: list[TrackedFace]) -> list[SwapUnit]:
+    """`faces` of the job's frame grouped so that no two groups' regions overlap (a face
+    joins every group it touches); each group keeps the faces' order."""
+    assert job.image is not None
+    regions = [swap_region(face.mesh, job.image.shape) for face in faces]
+    group_of = list(range(len(faces)))
+
+    def root(index: int) -> int:
+        while group_of[index] != index:
+            index = group_of[index]
+        return index
+
+    for i in range(len(faces)):
+        for j in range(i + 1, len(faces)):
+            if _overlap(regions[i], regions[j]):
+                group_of[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for index in range(len(faces)):
+        groups.setdefault(root(index), []).append(index)
+    units = []
+    for members in groups.values():
+        boxes = [regions[i] for i in members]
+        box = (
+            min(b[0] for b in boxes),
+            min(b[1] for b in boxes),
+            max(b[2] for b in boxes),
+            max(b[3] for b in boxes),
+        )
+        units.append(
+            SwapUnit(
+                job=job,
+                faces=tuple(faces[i] for i in members),
+                regions=tuple(boxes),
+                box=box,
+            )
+        )
+    return units
+
+
+class _SharedSlot:
+    """A shared-memory block for one request's frames, grown when a batch needs more."""
+
+    def __init__(self) -> None:
+        self.memory: SharedMemory | None = None
+
+    def array(self, size: int) -> np.ndarray:
+        if self.memory is None or self.memory.size < size:
+            self.free()
+            self.memory = SharedMemory(create=True, size=max(size, _MIN_SLOT_BYTES))
+        return np.ndarray((size,), dtype=np.uint8, buffer=self.memory.buf)
+
+    @property
+    def name(self) -> str:
+        assert self.memory is not None
+        return self.memory.name
+
+    def free(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
+            self.memory.unlink()
+            self.memory = None
+
+
+class _FrameLayout:
+    """Where each frame of a request lies in its slot: one after another, whole."""
+
+    def __init__(self, units: list[SwapUnit]) -> None:
+        self._places: dict[FrameJob, tuple[int, tuple[int, ...]]] = {}
+        self.size = 0
+        for unit in units:
+            if unit.job not in self._places:
+                assert unit.job.image is not None
+                shape = unit.job.image.shape
+                self._places[unit.job] = (self.size, shape)
+                self.size += int(np.prod(shape))
+        self.size = max(self.size, 1)
+
+    def place(self, job: FrameJob) -> tuple[int, tuple[int, ...]]:
+        """(offset, shape) of the job's frame in the slot."""
+        return self._places[job]
+
+    def frame(self, memory: np.ndarray, job: FrameJob) -> np.ndarray:
+        offset, shape = self._places[job]
+        return memory[offset : offset + int(np.prod(shape))].reshape(shape)
+
+
+@dataclass
+class _Request:
+    """Units sent to a child in one message, waiting for its answer."""
+
+    child: _SwapChild
+    slot: _SharedSlot
+    units: list[SwapUnit]
+    layout: _FrameLayout
+    generation: int
+    """The child's start count when sent: a request to a child that has since been
+    replaced gets no answer."""
+
+
+class _SwapChild:
+    """One child process, its shared-memory slots and the sources it holds.
+
+    The engine's dispatching thread sends requests and its finishing thread receives the
+    answers, in the order sent; two slots let the child work on one batch while the
+    other's results are copied back (double buffering). `lock` guards the state both
+    threads touch."""
+
+    def __init__(self, *, models_dir: Path, index: int) -> None:
+        self.models_dir = models_dir
+        self.index = index
+        self.child: ChildProcess | None = None
+        self.generation = 0
+        self.failed_at = -_RESTART_PAUSE_S
+        self.lock = threading.Condition()
+        self._free_slots = [_SharedSlot() for _ in range(_SLOTS_PER_CHILD)]
+        self._all_slots = list(self._free_slots)
+        self._sources: OrderedDict[int, SourceFace] = OrderedDict()
+        self._pending_sources: list[tuple[Any, ...]] = []
+        self.start()
+
+    def start(self) -> None:
+        with self.lock:
+            self.child = ChildProcess(
+                target=_child_main,
+                args=(str(self.models_dir),),
+                name=f"swap process {self.index}",
+                process_name=f"livefuse-swap-{self.index}",
+            )
+            self.generation += 1
+            self._sources.clear()
+            self._pending_sources.clear()
+
+    def available(self) -> bool:
+        """Running and ready (models loaded); starts a replacement for a failed child
+        once the pause is over. Never waits."""
+        with self.lock:
+            if self.child is None or not self.child.running:
+                if time.monotonic() - self.failed_at < _RESTART_PAUSE_S:
+                    return False
+                self.start()
+            assert self.child is not None
+            try:
+                return self.child.poll_ready()
+            except RuntimeError as error:
+                self._fail(error)
+                return False
+
+    def fail(self, error: BaseException) -> None:
+        with self.lock:
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        log.warning("event=swap_process_failed process=%d error=%r", self.index, str(error))
+        self.failed_at = time.monotonic()
+        if self.child is not None:
+            self.child.stop()
+        self._sources.clear()
+        self._pending_sources.clear()
+        self.lock.notify_all()
+
+    def send(self, units: list[SwapUnit], options: list[tuple[Any, ...]]) -> _Request:
+        """Copy the units' pixels into a free slot (waiting for one) and send them.
+        RuntimeError if the child is gone.
+
+        Each frame gets a frame-sized place in the slot and only its units' boxes are
+        copied there: the child swaps in frame coordinates, exactly as the engine's own
+        thread would (shifted coordinates would round differently), and the pages of the
+        block outside the boxes are never touched."""
+        layout = _FrameLayout(units)
+        with self.lock:
+            while not self._free_slots:
+                self.lock.wait()
+            slot = self._free_slots.pop()
+        try:
+            memory = slot.array(layout.size)
+            for unit in units:
+                x1, y1, x2, y2 = unit.box
+                layout.frame(memory, unit.job)[y1:y2, x1:x2] = unit.job.image[y1:y2, x1:x2]  # type: ignore[index]
+            del memory
+            requests = []
+            for unit, unit_options in zip(units, options, strict=True):
+                source = unit.job.session.source
+                assert source is not None
+                meshes = [(face.points, face.presence) for face in unit.faces]
+                requests.append(
+                    (layout.place(unit.job), self._source_key(source), meshes, unit_options)
+                )
+            with self.lock:
+                if self.child is None:
+                    raise RuntimeError(f"swap process {self.index} is not running")
+                for message in self._pending_sources:
+                    self.child.send(message)
+                self._pending_sources.clear()
+                self.child.send(("swap", slot.name, layout.size, requests))
+                return _Request(self, slot, units, layout, self.generation)
+        except BaseException:
+            self._release(slot)
+            raise
+
+    def receive(self, request: _Request) -> list[str | None]:
+        """The child's answer to `request` (the oldest unanswered), its swapped face
+        regions copied back into their frames; per unit, None or why it failed."""
+        try:
+            with self.lock:
+                child = self.child
+                if child is None or request.generation != self.generation:
+                    raise RuntimeError(f"swap process {self.index} was restarted")
+            # Not under the lock: the dispatching thread may send meanwhile.
+            errors: list[str | None] = child.receive()
+            memory = request.slot.array(request.layout.size)
+            for unit, error in zip(request.units, errors, strict=True):
+                if error is None:
+                    _copy_back(unit, request.layout.frame(memory, unit.job))
+            del memory
+            return errors
+        finally:
+            self._release(request.slot)
+
+    def _release(self, slot: _SharedSlot) -> None:
+        with self.lock:
+            self._free_slots.append(slot)
+            self.lock.notify_all()
+
+    def _source_key(self, source: SourceFace) -> int:
+        """The child's key for `source`, queueing it to be sent first if the child lacks
+        it (sent with the request, under the lock)."""
+        key = id(source)
+        with self.lock:
+            if key in self._sources:
+                self._sources.move_to_end(key)
+                return key
+            if len(self._sources) >= _SOURCES_KEPT:
+                old, _ = self._sources.popitem(last=False)
+                self._pending_sources.append(("forget", old))
+            # Held here so its id is not reused for another source while the child has it.
+            self._sources[key] = source
+            self._pending_sources.append(("source", key, source))
+        return key
+
+    def close(self) -> None:
+        with self.lock:
+            if self.child is not None:
+                self.child.close()
+                self.child = None
+        for slot in self._all_slots:
+            slot.free()
+
+
+def _copy_back(unit: SwapUnit, swapped_frame: np.ndarray) -> None:
+    """The unit's swapped face regions into its frame. Only the faces' own regions: the
+    rest of the unit's box may hold pixels another worker has swapped since."""
+    assert unit.job.image is not None
+    for x1, y1, x2, y2 in unit.regions:
+        unit.job.image[y1:y2, x1:x2] = swapped_frame[y1:y2, x1:x2]
+
+
+def _child_main(conn: Connection, models_dir: str) -> None:
+    import cv2
+
+    from livefuse.engines.pipeline import FacePipeline
+    from livefuse.engines.store import ModelStore
+
+    # The pool's parallelism is its processes: OpenCV's own thread pool in each of them
+    # would only oversubscribe the cores.
+    cv2.setNumThreads(1)
+
+    try:
+        faces = FacePipeline.from_store(ModelStore(Path(models_dir)), threads=1)
+    except Exception as error:
+        serve(conn, lambda message: None, ready_error=f"cannot load the models: {error}")
+        return
+    frames = SharedFrames()
+    sources: dict[int, SourceFace] = {}
+
+    def handle(message: tuple[Any, ...]) -> Any:
+        if message[0] == "source":
+            _, key, source = message
+            sources[key] = source
+            return NO_REPLY  # the next swap's answer covers it
+        if message[0] == "forget":
+            sources.pop(message[1], None)
+            return NO_REPLY
+        _, name, size, requests = message
+        memory = frames.frame(name, (size,))
+        errors: list[str | None] = []
+        try:
+            for (offset, shape), key, meshes, (scale, shape_transfer) in requests:
+                frame = memory[offset : offset + int(np.prod(shape))].reshape(shape)
+                try:
+                    for points, presence in meshes:
+                        faces.swap_face_in_place(
+                            frame,
+                            sources[key],
+                            FaceMesh(points=points, presence=presence),
+                            scale=scale,
+                            shape_transfer=shape_transfer,
+                        )
+                    errors.append(None)
+                except Exception as error:  # this unit's faces go out unswapped
+                    errors.append(f"{type(error).__name__}: {error}")
+                finally:
+                    del frame
+        finally:
+            del memory
+        return errors
+
+    try:
+        serve(conn, handle)
+    finally:
+        frames.close()
+
+
+class PoolSwaps:
+    """A batch's units in the swap processes; `wait` collects them."""
+
+    def __init__(self, requests: list[_Request], failed: dict[SwapUnit, str]) -> None:
+        self._requests = requests
+        self._failed = failed
+
+    def wait(self) -> dict[SwapUnit, str]:
+        """Wait for every child's answer; the units that failed, with why."""
+        failed = dict(self._failed)
+        for request in self._requests:
+            try:
+                errors = request.child.receive(request)
+            except RuntimeError as error:
+                request.child.fail(error)
+                errors = [str(error)] * len(request.units)
+            failed.update(
+                {unit: error for unit, error in zip(request.units, errors, strict=True) if error}
+            )
+        return failed
+
+
+class SwapPool:
+    """Child processes that swap part of each batch (see the module docstring)."""
+
+    def __init__(self, *, models_dir: Path, processes: int) -> None:
+        if processes < 1:
+            raise ValueError("a swap pool needs at least one process")
+        self._children = [_SwapChild(models_dir=models_dir, index=i) for i in range(processes)]
+
+    def wait_ready(self) -> None:
+        """Wait until every child has loaded its models (a bench's or a service's start,
+        so the first frames are not all swapped in the engine's thread); a child that
+        fails is logged and left to restart later."""
+        for child in self._children:
+            if child.child is None:
+                continue
+            try:
+                child.child.ensure_started()
+            except RuntimeError as error:
+                child.fail(error)
+
+    def start(
+        self, units: list[SwapUnit], options: Callable[[SwapUnit], tuple[Any, ...]]
+    ) -> tuple[PoolSwaps, list[SwapUnit]]:
+        """Send the units to the ready children, shared by cost; returns the pending
+        swaps and the units no child could take (none ready), for the caller to swap."""
+        ready = [child for child in self._children if child.available()]
+        if not ready:
+            return PoolSwaps([], {}), units
+        requests: list[_Request] = []
+        leftover: list[SwapUnit] = []
+        for child, share in zip(ready, balance(units, workers=len(ready)), strict=True):
+            if not share:
+                continue
+            try:
+                requests.append(child.send(share, [options(unit) for unit in share]))
+            except RuntimeError as error:
+                child.fail(error)
+                leftover.extend(share)
+        return PoolSwaps(requests, {}), leftover
+
+    def close(self) -> None:
+        for child in self._children:
+            child.close()
+
+
+def balance(units: list[SwapUnit], *, workers: int) -> list[list[SwapUnit]]:
+    """Units shared among `workers` by cost (face area), largest first to the least
+    loaded."""
+    shares: list[list[SwapUnit]] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for unit in sorted(units, key=lambda u: -u.cost):
+        target = min(range(workers), key=lambda w: loads[w])
+        shares[target].append(unit)
+        loads[target] += unit.cost
+    return shares
