@@ -79,9 +79,13 @@ class Settings(BaseSettings):
     """Keep hands, glasses and hair in front of swapped faces (BiSeNet, bring your own)."""
 
     child_processes: bool = False
-    """Each session tracks faces in a child process and swaps half of them in another
-    (each a core of its own, no GIL shared with the WebRTC loop); see
-    stream/child_process.py. Their models load while the session's first frames arrive."""
+    """(Being replaced by the frame engine's swap processes.)"""
+
+    swap_processes: int | None = Field(default=None, ge=0)
+    """Child processes that take part of each batch's face swaps on the CPU (the frame
+    engine's CPU scheduler, stream/swap_pool.py): threads of one process mostly wait for
+    each other's GIL there. None: one per core on a machine with two or more, none on one
+    core. 0 swaps every face in the engine's own thread."""
 
     ice_servers: list[str] = Field(default_factory=list)
     """STUN/TURN URLs for the server's peer connections (JSON list in the environment).
@@ -91,6 +95,13 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @property
+    def resolved_swap_processes(self) -> int:
+        if self.swap_processes is not None:
+            return self.swap_processes
+        cores = _default_threads()
+        return cores if cores >= 2 else 0
 
     @property
     def models_dir(self) -> Path:

@@ -25,8 +25,8 @@ from livefuse.engines.images import ImageError, read_image
 from livefuse.engines.pipeline import FacePipeline, NoFaceError
 from livefuse.engines.store import ModelStore
 from livefuse.settings import Settings
-from livefuse.stream.bench import Clip, load_clip, run_bench, run_streams
-from livefuse.stream.realtime import RealtimePipeline
+from livefuse.stream.bench import BenchStream, Clip, load_clip, run_bench, run_streams
+from livefuse.stream.engine import FrameEngine
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 # Frames run through a throwaway pipeline first: the runtimes allocate and pick kernels
@@ -87,42 +87,37 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _say(f"source: no face found in {args.source}; use a photo with a clear, visible face")
         return EXIT_BAD_INPUT
 
-    # Tracking in a child process, the swap shared between this one and a second child.
-    pipelines = []
+    # One engine, as the service has: its stage workers serve every stream, and on the CPU
+    # its swap processes take part of each batch's faces.
+    engine = FrameEngine(
+        faces=faces, target_fps=clip.fps, swap_processes=settings.resolved_swap_processes
+    )
     try:
+        engine.wait_ready()
+        streams = []
         for _ in range(args.streams):
-            pipeline = RealtimePipeline(
-                faces=faces,
-                quality=args.quality,
-                target_fps=clip.fps,
-                face_selection=args.faces,
-                track_in_child=True,
-                swap_in_child=True,
-            )
-            pipelines.append(pipeline)
-            pipeline.source = source
-            # At the clip's pace, so the background detection lands and both children
-            # have swapped before the timed run starts.
-            for index, frame in enumerate(clip.frames[:_WARMUP_FRAMES]):
-                pipeline.process(frame, timestamp=index / clip.fps)
-                time.sleep(1 / clip.fps)
-            pipeline.reset()
+            stream = BenchStream(engine, quality=args.quality, face_selection=args.faces)
+            stream.session.source = source
+            streams.append(stream)
+        for stream in streams:
+            stream.warm_up(clip, _WARMUP_FRAMES)
 
         mode = "unpaced" if args.unpaced else "paced"
-        streams = f", {args.streams} streams" if args.streams > 1 else ""
+        count = f", {args.streams} streams" if args.streams > 1 else ""
         print(
             f"livefuse bench: {len(clip.frames)} frames of {clip.width}x{clip.height} at "
-            f"{clip.fps:g} fps, {mode}, quality {args.quality}{streams}",
+            f"{clip.fps:g} fps, {mode}, quality {args.quality}{count}",
             file=sys.stderr,
         )
         started = time.time()
         if args.streams == 1:
-            figures = run_bench(pipelines[0], clip, paced=not args.unpaced)
+            figures = run_bench(streams[0], clip, paced=not args.unpaced)
         else:
-            figures = run_streams(pipelines, clip, paced=not args.unpaced)
+            figures = run_streams(streams, clip, paced=not args.unpaced)
+        figures["engine"] = engine.metrics.snapshot()
     finally:
-        for pipeline in pipelines:
-            pipeline.close()
+        engine.close()
+        faces.close()
     result: dict[str, Any] = {
         "device": device_description(),
         "backend": backend.name,

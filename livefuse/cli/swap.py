@@ -27,6 +27,7 @@ from livefuse.engines.pipeline import FacePipeline, FaceSelection, NoFaceError
 from livefuse.engines.store import ModelStore
 from livefuse.engines.swapper import SourceFace
 from livefuse.settings import Settings
+from livefuse.stream.engine import FrameEngine
 from livefuse.stream.video_file import VideoError, swap_video
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -98,7 +99,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _swap_image_file(pipeline, prepared.face, target, output, faces, limits, report)
         _print_batch_report(report, output)
         return EXIT_BAD_INPUT if report.failed else EXIT_OK
-    return _swap_video_file(pipeline, prepared.face, target, output, faces, backend)
+    return _swap_video_file(
+        pipeline, prepared.face, target, output, faces, backend, settings.resolved_swap_processes
+    )
 
 
 def _swap_directory(
@@ -172,6 +175,7 @@ def _swap_video_file(
     output: Path,
     faces: FaceSelection,
     backend: Backend,
+    swap_processes: int,
 ) -> int:
     bar = tqdm(desc="swapping", unit="frame", disable=None)
     started = time.perf_counter()
@@ -182,7 +186,11 @@ def _swap_video_file(
         bar.update(done - bar.n)
 
     try:
-        report = swap_video(pipeline, source, target, output, faces=faces, on_frame=tick)
+        engine = FrameEngine(faces=pipeline, swap_processes=swap_processes)
+        try:
+            report = swap_video(engine, source, target, output, faces=faces, on_frame=tick)
+        finally:
+            engine.close()
     except VideoError as error:
         bar.close()
         _say(str(error))

@@ -1,10 +1,11 @@
-"""Measuring the real-time pipeline over a clip, as a live stream would drive it.
+"""Measuring the frame engine over a clip, as live streams would drive it.
 
 The clip is decoded into memory first, so decoding never counts. Paced (the default),
 frames are handed in at the clip's frame rate the way a camera delivers them, and a frame
 that arrives while the pipeline is still busy replaces the waiting one and counts as
 dropped; latency is from hand-in to the swapped frame. Unpaced, each frame is handed in
-as soon as the first stage takes the previous one: the pipeline's throughput.
+as soon as the engine takes the previous one: the engine's throughput. Several streams
+are sessions of one engine, as the service's publishers are.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
 
-from livefuse.stream.realtime import ProcessedFrame, RealtimePipeline
-from livefuse.stream.scheduler import ThreadedScheduler
+from livefuse.stream.engine import FrameEngine
+from livefuse.stream.frames import ProcessedFrame
 
 # Frames the smoothing needs to settle before a track's jitter is measured.
 _JITTER_SETTLE_FRAMES = 15
@@ -75,70 +77,117 @@ def load_clip(
     return Clip(frames=frames, width=width, height=height, fps=fps, truncated=truncated)
 
 
-@dataclass
-class _Collected:
-    outputs: list[ProcessedFrame]
-    output_times: list[float]
-    done: threading.Condition
+class BenchStream:
+    """One stream of the bench: an engine session and the frames it handed back."""
+
+    def __init__(self, engine: FrameEngine, **options: Any) -> None:
+        self.outputs: list[ProcessedFrame] = []
+        self.output_times: list[float] = []
+        self._done = threading.Condition()
+        self._on_frame: Callable[[ProcessedFrame], None] | None = None
+        self.session = engine.open_session(on_output=self._keep, **options)
+
+    def _keep(self, output: ProcessedFrame) -> None:
+        with self._done:
+            self.outputs.append(output)
+            self.output_times.append(time.perf_counter())
+            self._done.notify_all()
+        if self._on_frame is not None:
+            self._on_frame(output)
+
+    def warm_up(self, clip: Clip, frames: int) -> None:
+        """The first frames at the clip's pace, one at a time, then the counts forgotten:
+        the runtimes allocate and pick kernels on their first calls, and the swap
+        processes load their models, which a live stream pays once at its start."""
+        for index, frame in enumerate(clip.frames[:frames]):
+            self.session.process(frame, timestamp=index / clip.fps)
+            time.sleep(1 / clip.fps)
+        self.session.reset()
+        with self._done:
+            self.outputs.clear()
+            self.output_times.clear()
+
+    def drive(self, clip: Clip, *, paced: bool, delay_s: float = 0.0) -> _Run:
+        """Hand the clip in (paced at its rate, or as fast as the engine takes it) and
+        wait for what comes out. Timestamps continue after the warm-up's."""
+        time.sleep(delay_s)
+        interval = 1.0 / clip.fps
+        first = len(clip.frames)  # media time after any warm-up frames
+        session = self.session
+        started = time.perf_counter()
+        for index, frame in enumerate(clip.frames):
+            if paced:
+                delay = started + index * interval - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            session.submit(frame, timestamp=(first + index) * interval, tag=index, block=not paced)
+        # Every frame handed in either comes out or was replaced (dropped).
+        with self._done:
+            self._done.wait_for(
+                lambda: len(self.outputs) + session.dropped >= session.submitted,
+                timeout=_DRAIN_TIMEOUT_S,
+            )
+        outputs = list(self.outputs)
+        elapsed = (self.output_times[-1] - started) if outputs else float("nan")
+        return _Run(outputs=outputs, elapsed_s=elapsed, errors=dict(session.errors))
 
 
 def run_bench(
-    pipeline: RealtimePipeline,
+    stream: BenchStream,
     clip: Clip,
     *,
     paced: bool = True,
     on_frame: Callable[[ProcessedFrame], None] | None = None,
 ) -> dict[str, object]:
-    """Run the clip through a threaded scheduler; the figures of DESIGN.md's bench JSON."""
-    run = _drive(pipeline, clip, paced=paced, on_frame=on_frame)
+    """One stream over the clip; the figures of DESIGN.md's bench JSON."""
+    stream._on_frame = on_frame
+    run = stream.drive(clip, paced=paced)
     return summarise(
         run.outputs,
         clip=clip,
         elapsed_s=run.elapsed_s,
         dropped=len(clip.frames) - len(run.outputs),
-        errors=dict(pipeline.errors),
+        errors=run.errors,
     )
 
 
-def run_streams(
-    pipelines: list[RealtimePipeline], clip: Clip, *, paced: bool = True
-) -> dict[str, object]:
-    """The clip as N concurrent streams, one pipeline each, started a fraction of a frame
+def run_streams(streams: list[BenchStream], clip: Clip, *, paced: bool = True) -> dict[str, object]:
+    """The clip as N concurrent streams on one engine, started a fraction of a frame
     apart as independent cameras would be. Latency percentiles are over every frame of
     every stream; `aggregate_fps` is all frames out over the longest stream's time."""
-    runs: list[_Run | None] = [None] * len(pipelines)
-    stagger = 1.0 / clip.fps / max(1, len(pipelines))
+    runs: list[_Run | None] = [None] * len(streams)
+    stagger = 1.0 / clip.fps / max(1, len(streams))
 
     def drive(index: int) -> None:
-        time.sleep(index * stagger)
-        runs[index] = _drive(pipelines[index], clip, paced=paced)
+        runs[index] = streams[index].drive(clip, paced=paced, delay_s=index * stagger)
 
     threads = [
         threading.Thread(target=drive, args=(i,), name=f"bench-stream-{i}")
-        for i in range(len(pipelines))
+        for i in range(len(streams))
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     done = [run for run in runs if run is not None]
-    if len(done) != len(pipelines):
+    if len(done) != len(streams):
         raise RuntimeError("a bench stream failed; see the log")
     outputs = [output for run in done for output in run.outputs]
     elapsed = max(run.elapsed_s for run in done)
     errors: Counter[str] = Counter()
-    for pipeline in pipelines:
-        errors.update(pipeline.errors)
+    for run in done:
+        errors.update(run.errors)
     figures = summarise(
         outputs,
         clip=clip,
         elapsed_s=elapsed,
-        dropped=len(clip.frames) * len(pipelines) - len(outputs),
+        dropped=len(clip.frames) * len(streams) - len(outputs),
         errors=dict(errors),
     )
     per_stream = [
         {
             "frames_out": len(run.outputs),
+            "dropped_frames": len(clip.frames) - len(run.outputs),
             "fps": round(len(run.outputs) / run.elapsed_s, 2) if run.elapsed_s > 0 else 0.0,
             "latency_ms": _percentiles([o.stats.latency_ms for o in run.outputs]),
         }
@@ -146,7 +195,7 @@ def run_streams(
     ]
     return {
         **figures,
-        "streams": len(pipelines),
+        "streams": len(streams),
         "aggregate_fps": figures["fps"],
         "fps": round(float(np.mean([stream["fps"] for stream in per_stream])), 2),
         "per_stream": per_stream,
@@ -157,46 +206,7 @@ def run_streams(
 class _Run:
     outputs: list[ProcessedFrame]
     elapsed_s: float
-
-
-def _drive(
-    pipeline: RealtimePipeline,
-    clip: Clip,
-    *,
-    paced: bool,
-    on_frame: Callable[[ProcessedFrame], None] | None = None,
-) -> _Run:
-    collected = _Collected(outputs=[], output_times=[], done=threading.Condition())
-
-    def keep(output: ProcessedFrame) -> None:
-        with collected.done:
-            collected.outputs.append(output)
-            collected.output_times.append(time.perf_counter())
-            collected.done.notify_all()
-        if on_frame is not None:
-            on_frame(output)
-
-    scheduler = ThreadedScheduler(pipeline, on_output=keep, name="bench")
-    interval = 1.0 / clip.fps
-    started = time.perf_counter()
-    try:
-        for index, frame in enumerate(clip.frames):
-            if paced:
-                delay = started + index * interval - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            scheduler.submit(frame, timestamp=index * interval, tag=index, block=not paced)
-        # Every frame handed in either comes out or was replaced (dropped).
-        with collected.done:
-            collected.done.wait_for(
-                lambda: len(collected.outputs) + scheduler.dropped >= scheduler.submitted,
-                timeout=_DRAIN_TIMEOUT_S,
-            )
-    finally:
-        scheduler.close()
-    outputs = collected.outputs
-    elapsed = (collected.output_times[-1] - started) if outputs else float("nan")
-    return _Run(outputs=outputs, elapsed_s=elapsed)
+    errors: dict[str, int]
 
 
 def summarise(

@@ -1,4 +1,8 @@
-"""Swapping faces through a video file: decode, swap frame by frame, encode, keep the audio.
+"""Swapping faces through a video file: decode, swap every frame, encode, keep the audio.
+
+The frames go through the frame engine like a live stream's (tracking, landmark
+smoothing), only unpaced and pinned to the `high` level, keeping every frame: a face is
+followed from frame to frame instead of found afresh in each, so it does not flicker.
 
 Nothing is lost on failure: the video is written to a temporary file beside the output
 and moved into place only when it is complete, so an existing file is never truncated
@@ -11,6 +15,7 @@ frame whose swap fails is written unswapped and counted: never a black frame.
 from __future__ import annotations
 
 import os
+import queue
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -20,13 +25,17 @@ import av
 import av.error
 import numpy as np
 
-from livefuse.engines.pipeline import FacePipeline, FaceSelection
+from livefuse.engines.pipeline import FaceSelection
 from livefuse.engines.swapper import SourceFace
+from livefuse.stream.engine import FrameEngine
+from livefuse.stream.frames import ProcessedFrame
 
 # The largest frame we agree to process (8K UHD); beyond that is a mistake or an attack.
 MAX_VIDEO_PIXELS = 7680 * 4320
 # H.264 in 4:2:0 needs even sides, so the smallest frame we can write is 2x2.
 MIN_VIDEO_SIDE = 2
+# After the last frame is handed in, how long to wait for each frame still in the engine.
+_LAST_FRAMES_TIMEOUT_S = 30.0
 
 
 class VideoError(ValueError):
@@ -52,7 +61,7 @@ def _frame_count(stream: av.video.stream.VideoStream) -> int | None:
 
 
 def swap_video(
-    pipeline: FacePipeline,
+    engine: FrameEngine,
     source: SourceFace,
     input_path: Path,
     output_path: Path,
@@ -66,7 +75,7 @@ def swap_video(
         f".{output_path.stem}.partial-{os.getpid()}{output_path.suffix}"
     )
     try:
-        report = _swap_into(pipeline, source, input_path, partial, output_path, faces, on_frame)
+        report = _swap_into(engine, source, input_path, partial, output_path, faces, on_frame)
         os.replace(partial, output_path)
     finally:
         partial.unlink(missing_ok=True)
@@ -74,7 +83,7 @@ def swap_video(
 
 
 def _swap_into(
-    pipeline: FacePipeline,
+    engine: FrameEngine,
     source: SourceFace,
     input_path: Path,
     partial: Path,
@@ -119,18 +128,34 @@ def _swap_into(
                 ) from error
             total = _frame_count(video_in)
             streams = [video_in] + ([audio_in] if audio_in is not None else [])
+            # The engine hands frames back on its own thread; they are encoded and muxed
+            # here, on the thread that owns the containers.
+            swapped: queue.Queue[ProcessedFrame | None] = queue.Queue()
+            session = engine.open_session(
+                on_output=swapped.put, quality="high", face_selection=faces
+            )
+            session.source = source
+            writer = _FrameWriter(video_out, sink, report, on_frame, total)
+            fps = float(video_in.average_rate or 30)
             try:
                 for packet in source_container.demux(*streams):
                     if packet.stream is video_in:
                         for frame in packet.decode():
                             assert isinstance(frame, av.VideoFrame)
-                            _swap_frame(pipeline, source, frame, video_out, sink, faces, report)
-                            if on_frame is not None:
-                                on_frame(report.frames, total)
+                            timestamp = (
+                                float(frame.time) if frame.time is not None else writer.sent / fps
+                            )
+                            # Every frame kept: wait for the engine to take the last one.
+                            session.submit(frame, timestamp=timestamp, tag=frame, block=True)
+                            writer.sent += 1
+                            writer.write_ready(swapped)
                     elif audio_out is not None and packet.dts is not None:
                         _write_audio(packet, audio_out, audio_encoder, sink)
+                writer.write_rest(swapped, unreadable=lambda: session.errors["to_array"])
             except av.error.FFmpegError as error:
                 raise VideoError(f"{input_path}: decoding failed ({error})") from error
+            finally:
+                session.close()
             for packet in video_out.encode():
                 sink.mux(packet)
             if audio_encoder is not None:
@@ -175,33 +200,65 @@ def _write_audio(
             sink.mux(encoded)
 
 
-def _swap_frame(
-    pipeline: FacePipeline,
-    source: SourceFace,
-    frame: av.VideoFrame,
-    video_out: av.video.stream.VideoStream,
-    sink: av.container.OutputContainer,
-    faces: FaceSelection,
-    report: VideoReport,
-) -> None:
-    image = frame.to_ndarray(format="bgr24")
-    output = image
-    try:
-        meshes = pipeline.find_faces(image)
-        if meshes:
-            output = pipeline.swap_faces(image, source, meshes, faces=faces)
+class _FrameWriter:
+    """Encodes the engine's frames in order as they come back."""
+
+    def __init__(
+        self,
+        video_out: av.video.stream.VideoStream,
+        sink: av.container.OutputContainer,
+        report: VideoReport,
+        on_frame: Callable[[int, int | None], None] | None,
+        total: int | None,
+    ) -> None:
+        self.video_out, self.sink, self.report = video_out, sink, report
+        self.on_frame, self.total = on_frame, total
+        self.sent = 0
+
+    def write_ready(self, swapped: queue.Queue[ProcessedFrame | None]) -> None:
+        while True:
+            try:
+                self.write(swapped.get_nowait())
+            except queue.Empty:
+                return
+
+    def write_rest(
+        self, swapped: queue.Queue[ProcessedFrame | None], *, unreadable: Callable[[], int]
+    ) -> None:
+        """Wait for the frames still in the engine; `unreadable()` counts the frames whose
+        pixels could not be read, which never come back."""
+        while self.report.frames + unreadable() < self.sent:
+            try:
+                self.write(swapped.get(timeout=_LAST_FRAMES_TIMEOUT_S))
+            except queue.Empty:
+                raise VideoError(
+                    f"the engine did not return {self.sent - self.report.frames} frame(s)"
+                ) from None
+        lost = unreadable()
+        if lost:
+            self.report.failed_frames += lost
+            self.report.errors["to_array"] = lost
+
+    def write(self, processed: ProcessedFrame | None) -> None:
+        assert processed is not None
+        report, video_out = self.report, self.video_out
+        frame = processed.tag
+        assert isinstance(frame, av.VideoFrame)
+        stats = processed.stats
+        if stats.error is not None:
+            # The frame goes out unswapped rather than not at all; the error is counted.
+            report.failed_frames += 1
+            stage = stats.error.split(":", 1)[0]
+            report.errors[stage] = report.errors.get(stage, 0) + 1
+        elif stats.swapped:
             report.frames_with_faces += 1
-            report.faces_swapped += 1 if faces == "largest" else len(meshes)
-    except Exception as error:  # noqa: BLE001 - the frame edge: any failure is counted
-        # The frame goes out unswapped rather than not at all; the error is counted.
-        output = image
-        report.failed_frames += 1
-        name = type(error).__name__
-        report.errors[name] = report.errors.get(name, 0) + 1
-    report.frames += 1
-    even: np.ndarray = np.ascontiguousarray(output[: video_out.height, : video_out.width])
-    out_frame = av.VideoFrame.from_ndarray(even.astype(np.uint8, copy=False), format="bgr24")
-    # Keep the source's timing: variable frame rates and offsets stay in sync with audio.
-    out_frame.pts, out_frame.time_base = frame.pts, frame.time_base
-    for packet in video_out.encode(out_frame):
-        sink.mux(packet)
+            report.faces_swapped += stats.swapped
+        report.frames += 1
+        even = np.ascontiguousarray(processed.image[: video_out.height, : video_out.width])
+        out_frame = av.VideoFrame.from_ndarray(even, format="bgr24")
+        # Keep the source's timing: variable frame rates and offsets stay in sync with audio.
+        out_frame.pts, out_frame.time_base = frame.pts, frame.time_base
+        for packet in video_out.encode(out_frame):
+            self.sink.mux(packet)
+        if self.on_frame is not None:
+            self.on_frame(report.frames, self.total)
