@@ -14,9 +14,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from livefuse.engines import ops as cpu_ops
+from livefuse.engines.ops_protocol import Ops
 from livefuse.engines.runtime import Engine
 from livefuse.engines.types import Detection
 
@@ -46,14 +47,16 @@ def detection_input(frame_shape: tuple[int, ...], max_side: int) -> DetectionInp
     return DetectionInput(scale=scale, scaled=(scaled_h, scaled_w), padded=(padded_h, padded_w))
 
 
-def fill_input(frame_bgr: np.ndarray, plan: DetectionInput, out: np.ndarray) -> None:
+def fill_input(
+    frame_bgr: np.ndarray, plan: DetectionInput, out: np.ndarray, *, ops: Ops = cpu_ops
+) -> None:
     """Pre-process: the frame scaled into the top-left of `out` (3, H, W) as RGB in
     0..255, channels first, and zeros in the padding."""
     scaled_h, scaled_w = plan.scaled
     resized = frame_bgr
     if (scaled_h, scaled_w) != frame_bgr.shape[:2]:
-        resized = cv2.resize(frame_bgr, (scaled_w, scaled_h), interpolation=cv2.INTER_AREA)
-    out[:, :scaled_h, :scaled_w] = resized[:, :, ::-1].transpose(2, 0, 1)
+        resized = ops.resize(frame_bgr, (scaled_w, scaled_h), interpolation="area")
+    ops.blob_from_bgr(resized, out[:, :scaled_h, :scaled_w])
     out[:, scaled_h:, :] = 0
     out[:, :scaled_h, scaled_w:] = 0
 
@@ -65,8 +68,10 @@ class CenterFaceDetector:
         *,
         score_threshold: float = 0.5,
         nms_threshold: float = 0.3,
+        ops: Ops = cpu_ops,
     ) -> None:
         self._engine = engine
+        self.ops = ops
         self._input_name = engine.inputs[0].name
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
@@ -95,7 +100,7 @@ class CenterFaceDetector:
         for (padded_h, padded_w), indices in by_input.items():
             blob = self._input_blob((len(indices), 3, padded_h, padded_w))
             for row, index in enumerate(indices):
-                fill_input(frames_bgr[index], plans[index], blob[row])
+                fill_input(frames_bgr[index], plans[index], blob[row], ops=self.ops)
             heatmap, log_size, offset, keypoints = self._engine.run({self._input_name: blob})
             for row, index in enumerate(indices):
                 found = self._decode(heatmap[row, 0], log_size[row], offset[row], keypoints[row])
@@ -147,13 +152,9 @@ class CenterFaceDetector:
             axis=2,
         )
 
-        keep = cv2.dnn.NMSBoxes(
-            [[float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])] for b in boxes],
-            scores.astype(float).tolist(),
-            self.score_threshold,
-            self.nms_threshold,
-        )
-        order = sorted(np.asarray(keep, dtype=int).reshape(-1), key=lambda i: -scores[i])
+        boxes_xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+        keep = self.ops.nms_boxes(boxes_xywh, scores, self.score_threshold, self.nms_threshold)
+        order = sorted(keep, key=lambda i: -scores[i])
         return [
             Detection(
                 box=boxes[i].astype(np.float32),

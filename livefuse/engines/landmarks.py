@@ -14,9 +14,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from livefuse.engines import ops as cpu_ops
+from livefuse.engines.ops_protocol import Ops
 from livefuse.engines.runtime import Engine
 from livefuse.engines.types import Detection, FaceMesh
 
@@ -76,18 +77,16 @@ class FaceRegion:
         )
 
 
-def crop_faces(frame_bgr: np.ndarray, regions: Sequence[FaceRegion], out: np.ndarray) -> None:
+def crop_faces(
+    frame_bgr: np.ndarray, regions: Sequence[FaceRegion], out: np.ndarray, *, ops: Ops = cpu_ops
+) -> None:
     """Pre-process: each region's roll-corrected crop, RGB in [0, 1], channels first, into
     `out[i]` (N, 3, CROP_SIZE, CROP_SIZE) float32."""
     for i, region in enumerate(regions):
-        crop = cv2.warpAffine(
-            frame_bgr,
-            region.crop_to_frame(),
-            (CROP_SIZE, CROP_SIZE),
-            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_CONSTANT,
+        crop = ops.warp_affine(
+            frame_bgr, region.crop_to_frame(), (CROP_SIZE, CROP_SIZE), inverse_map=True
         )
-        out[i] = crop[:, :, ::-1].transpose(2, 0, 1) * np.float32(1 / 255)
+        ops.blob_from_bgr(crop, out[i], scale=1 / 255)
 
 
 def decode_meshes(
@@ -109,8 +108,11 @@ def decode_meshes(
 
 
 class FaceMeshLandmarker:
-    def __init__(self, engine: Engine, *, presence_threshold: float = 0.5) -> None:
+    def __init__(
+        self, engine: Engine, *, presence_threshold: float = 0.5, ops: Ops = cpu_ops
+    ) -> None:
         self._engine = engine
+        self.ops = ops
         self._input_name = engine.inputs[0].name
         self.presence_threshold = presence_threshold
         # One input batch per thread, grown to the largest batch seen and reused: the
@@ -132,7 +134,7 @@ class FaceMeshLandmarker:
         batch = self._input_batch(total)
         start = 0
         for frame_bgr, regions in requests:
-            crop_faces(frame_bgr, regions, batch[start : start + len(regions)])
+            crop_faces(frame_bgr, regions, batch[start : start + len(regions)], ops=self.ops)
             start += len(regions)
         raw_points, raw_presence = self._engine.run({self._input_name: batch})
         raw_points = raw_points.reshape(total, -1)

@@ -152,12 +152,12 @@ class FacePipeline:
             return engine
 
         try:
-            centerface = CenterFaceDetector(load(store.path("centerface")))
+            centerface = CenterFaceDetector(load(store.path("centerface")), ops=ops)
             face_detector: FaceDetector = centerface
             if detector == "scrfd":
                 name = first_registered(known, SCRFD_MODELS)
                 face_detector = SCRFDDetector(load(known.path(name)), ops=ops)
-            landmarker = FaceMeshLandmarker(load(store.path("face_landmark")))
+            landmarker = FaceMeshLandmarker(load(store.path("face_landmark")), ops=ops)
             topology = MeshTopology.load(store.path("facemesh_topology"))
             mesh_swapper = MeshSwapper(topology, ops=ops)
             identity = None
