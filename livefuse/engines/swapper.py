@@ -17,6 +17,8 @@ geometry stays host NumPy.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +44,8 @@ _POOR_TEXTURE, _GOOD_TEXTURE = 0.12, 0.4
 # The ring around the face that stays put while the target's face is reshaped, as a
 # scale of the face oval about its centre.
 _RESHAPE_RING = 1.35
+# Renders `warp` keeps: a few faces of each stream a swap worker serves, between refits.
+_WARPS_KEPT = 32
 # Sideways component of the face's towards-camera axis (sine of the yaw) up to which the
 # shape transfer applies to the whole face, and from which the far side holds still (see
 # `_far_side_hold`).
@@ -204,6 +208,12 @@ class MeshSwapper:
     def __init__(self, topology: MeshTopology, *, ops: Ops = cpu_ops) -> None:
         self.topology = topology
         self.ops = ops
+        # Recent renders by (source, box, points), see `warp`; the source is kept with
+        # each so its id cannot be reused by another while the render is here.
+        self._warps: OrderedDict[
+            tuple[int, tuple[int, int, int, int], bytes], tuple[SourceFace, np.ndarray, np.ndarray]
+        ] = OrderedDict()
+        self._warp_lock = threading.Lock()
         # The mesh's own triangles, then one fan over each eye opening (see `warp`).
         left_eye, right_eye = topology.eye_triangles
         self.triangles = np.concatenate([topology.triangles, left_eye, right_eye])
@@ -423,7 +433,38 @@ class MeshSwapper:
         source's eyes cover the target's only while both are open, fading out as the
         target blinks; a closing eye shows the target's own lids, never a squashed eye.
         `raster`, from `reshape_target` on the same points, saves drawing the mesh again.
+
+        The same source on the same points over the same box renders the same patch: a
+        tracked face between two landmark refits (the cheaper quality levels refit every
+        second or third frame) keeps its points, so the last few renders are kept and
+        handed out again, read-only.
         """
+        key = None
+        if raster is None:
+            key = (id(source), box, target_points.tobytes())
+            with self._warp_lock:
+                kept = self._warps.get(key)
+                if kept is not None and kept[0] is source:
+                    self._warps.move_to_end(key)
+                    return kept[1], kept[2]
+        patch, coverage = self._warp(source, target_points, box, raster=raster)
+        if key is not None:
+            patch.setflags(write=False)
+            coverage.setflags(write=False)
+            with self._warp_lock:
+                self._warps[key] = (source, patch, coverage)
+                while len(self._warps) > _WARPS_KEPT:
+                    self._warps.popitem(last=False)
+        return patch, coverage
+
+    def _warp(
+        self,
+        source: SourceFace,
+        target_points: np.ndarray,
+        box: tuple[int, int, int, int],
+        *,
+        raster: MeshRaster | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         ops, xp = self.ops, self.ops.xp
         triangles = self.triangles
         x1, y1, x2, y2 = box

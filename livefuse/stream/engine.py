@@ -33,12 +33,12 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
 import queue
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -90,7 +90,7 @@ DEFAULT_BATCH_LIMIT = 16
 # against a frame's budget (33 ms), so an idle engine adds no latency to speak of.
 DEFAULT_BATCH_DEADLINE_S = 0.002
 # Batches whose swaps may be under way at once (see FrameEngine._swapping).
-_SWAPS_IN_FLIGHT = int(os.environ.get("LF_INFLIGHT", "2"))
+_SWAPS_IN_FLIGHT = 2
 # How long `process` waits for its frame to come back before giving up.
 _PROCESS_TIMEOUT_S = 30.0
 
@@ -411,6 +411,9 @@ class FrameEngine:
         self._changed = threading.Condition()
         self._next_turn = 0
         self._handoff = _BatchHandoff()
+        self._detections: queue.Queue[tuple[DetectRequest, Future[list[Detection]]] | None] = (
+            queue.Queue()
+        )
         # Batches whose swaps have started and are not yet handed back: at most
         # `_SWAPS_IN_FLIGHT`, so the swap processes have the next batch at hand while
         # one is finished, and no more, so frames never queue behind several batches
@@ -423,6 +426,7 @@ class FrameEngine:
             threading.Thread(target=self._run_track, name=f"{name}-track", daemon=True),
             threading.Thread(target=self._run_swap, name=f"{name}-swap", daemon=True),
             threading.Thread(target=self._run_finish, name=f"{name}-finish", daemon=True),
+            threading.Thread(target=self._run_detect, name=f"{name}-detect", daemon=True),
         ]
         for worker in self._workers:
             worker.start()
@@ -442,15 +446,22 @@ class FrameEngine:
         face_selection: FaceSelection = "all",
         smoothing: OneEuroParams | None = None,
         session_id: str | None = None,
+        detect_in_background: bool = True,
     ) -> EngineSession:
         """A new stream on this engine. `on_output` is called on an engine worker with
-        each processed frame, in order; keep it short (hand the frame on)."""
+        each processed frame, in order; keep it short (hand the frame on).
+
+        `detect_in_background` (live streams): the face detector, the costliest model per
+        call, runs on the engine's detection worker and never delays a frame; new faces
+        are taken up a frame or two later. Off (files), each frame waits for its
+        detections, so the result does not depend on timing."""
         if self._closed:
             raise EngineClosed("the frame engine is closed")
         tracker = FaceTracker(
             detector=self.faces.face_detector,
             landmarker=self.faces.landmarker,
             smoothing=smoothing,
+            detect_in_background=detect_in_background,
         )
         session = EngineSession(
             engine=self,
@@ -490,6 +501,7 @@ class FrameEngine:
         for session in sessions:
             session.closed = True
         self._handoff.close()
+        self._detections.put(None)
         for worker in self._workers:
             if worker is not threading.current_thread():
                 worker.join(timeout=5)
@@ -638,7 +650,9 @@ class FrameEngine:
         detections: dict[int, list[tuple[FrameJob, DetectRequest]]] = {}
         fits: list[tuple[FrameJob, FitRequest]] = []
         for job, request in requests.items():
-            if isinstance(request, DetectRequest):
+            if isinstance(request, DetectRequest) and request.background:
+                answers[job] = self._detect_later(request)
+            elif isinstance(request, DetectRequest):
                 detections.setdefault(request.max_side, []).append((job, request))
             else:
                 fits.append((job, request))
@@ -652,6 +666,43 @@ class FrameEngine:
             )
             answers.update(fitted)
         return answers
+
+    def _detect_later(self, request: DetectRequest) -> Future[list[Detection]]:
+        """The request queued for the detection worker; its future answers it."""
+        pending: Future[list[Detection]] = Future()
+        self._detections.put((request, pending))
+        return pending
+
+    def _run_detect(self) -> None:
+        """The detection worker: background detections, those of one size together."""
+        while True:
+            first = self._detections.get()
+            if first is None:
+                return
+            waiting = [first]
+            while True:
+                try:
+                    queued = self._detections.get_nowait()
+                except queue.Empty:
+                    break
+                if queued is None:
+                    self._detections.put(None)  # stop after this round
+                    break
+                waiting.append(queued)
+            started = time.perf_counter()
+            by_size: dict[int, list[tuple[DetectRequest, Future[list[Detection]]]]] = {}
+            for request, pending in waiting:
+                by_size.setdefault(request.max_side, []).append((request, pending))
+            for max_side, group in by_size.items():
+                try:
+                    found = self._detect([request for request, _ in group], max_side)
+                except Exception as error:  # each tracker fails one frame and asks again
+                    for _, pending in group:
+                        pending.set_exception(error)
+                    continue
+                for (_, pending), detections in zip(group, found, strict=True):
+                    pending.set_result(detections)
+            self.metrics.batch("detect", len(waiting), time.perf_counter() - started)
 
     def _detect(self, requests: list[DetectRequest], max_side: int) -> list[list[Detection]]:
         detector = self.faces.face_detector

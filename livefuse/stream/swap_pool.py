@@ -22,13 +22,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from livefuse.engines.swapper import SourceFace
 from livefuse.engines.types import FaceMesh
 from livefuse.stream.child_process import NO_REPLY, ChildProcess, SharedFrames, serve
 from livefuse.stream.frames import FrameJob, TrackedFace
+
+if TYPE_CHECKING:
+    from livefuse.stream.engine import EngineSession
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +213,9 @@ class _SwapChild:
         self._all_slots = list(self._free_slots)
         self._sources: OrderedDict[int, SourceFace] = OrderedDict()
         self._pending_sources: list[tuple[Any, ...]] = []
+        self.outstanding = 0.0
+        """The cost of the units sent and not yet answered (read without the lock: a
+        stale value only balances a batch a little less well)."""
         self.start()
 
     def start(self) -> None:
@@ -285,6 +292,7 @@ class _SwapChild:
                     self.child.send(message)
                 self._pending_sources.clear()
                 self.child.send(("swap", slot.name, layout.size, requests))
+                self.outstanding += sum(unit.cost for unit in units)
                 return _Request(self, slot, units, layout, self.generation)
         except BaseException:
             self._release(slot)
@@ -307,6 +315,8 @@ class _SwapChild:
             del memory
             return errors
         finally:
+            with self.lock:
+                self.outstanding = max(0.0, self.outstanding - sum(u.cost for u in request.units))
             self._release(request.slot)
 
     def _release(self, slot: _SharedSlot) -> None:
@@ -432,6 +442,12 @@ class SwapPool:
         if processes < 1:
             raise ValueError("a swap pool needs at least one process")
         self._children = [_SwapChild(models_dir=models_dir, index=i) for i in range(processes)]
+        # The child that last swapped each session's faces: sent there again when that
+        # keeps the load even, its renders between landmark refits are at hand there
+        # (MeshSwapper.warp keeps them).
+        self._last_child: weakref.WeakKeyDictionary[EngineSession, int] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def wait_ready(self) -> None:
         """Wait until every child has loaded its models (a bench's or a service's start,
@@ -455,7 +471,12 @@ class SwapPool:
             return PoolSwaps([], {}), units
         requests: list[_Request] = []
         leftover: list[SwapUnit] = []
-        for child, share in zip(ready, balance(units, workers=len(ready)), strict=True):
+        positions = {child.index: position for position, child in enumerate(ready)}
+        preferred = [positions.get(self._last_child.get(unit.job.session, -1)) for unit in units]
+        shares = balance(units, loads=[child.outstanding for child in ready], preferred=preferred)
+        for child, share in zip(ready, shares, strict=True):
+            for unit in share:
+                self._last_child[unit.job.session] = child.index
             if not share:
                 continue
             try:
@@ -470,13 +491,21 @@ class SwapPool:
             child.close()
 
 
-def balance(units: list[SwapUnit], *, workers: int) -> list[list[SwapUnit]]:
-    """Units shared among `workers` by cost (face area), largest first to the least
-    loaded."""
-    shares: list[list[SwapUnit]] = [[] for _ in range(workers)]
-    loads = [0.0] * workers
-    for unit in sorted(units, key=lambda u: -u.cost):
-        target = min(range(workers), key=lambda w: loads[w])
+def balance(
+    units: list[SwapUnit], *, loads: list[float], preferred: list[int | None]
+) -> list[list[SwapUnit]]:
+    """Units shared among workers by cost (face area), largest first to the least loaded,
+    each worker starting from `loads` (the work it still has from earlier batches). A
+    unit goes to its `preferred` worker instead when that one is behind the least loaded
+    by less than the unit's own cost."""
+    loads = list(loads)
+    shares: list[list[SwapUnit]] = [[] for _ in loads]
+    order = sorted(range(len(units)), key=lambda i: -units[i].cost)
+    for index in order:
+        unit, favourite = units[index], preferred[index]
+        target = min(range(len(loads)), key=lambda w: loads[w])
+        if favourite is not None and loads[favourite] <= loads[target] + unit.cost:
+            target = favourite
         shares[target].append(unit)
         loads[target] += unit.cost
     return shares

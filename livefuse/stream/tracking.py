@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Generator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +77,9 @@ class DetectRequest:
 
     image: np.ndarray
     max_side: int
+    background: bool = False
+    """Answered with a `Future` of the detections rather than the detections: the tracker
+    goes on following its tracks and takes up the faces found from a later frame on."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class FitRequest:
 
 
 TrackerRequest = DetectRequest | FitRequest
-TrackerAnswer = list[Detection] | list[FaceMesh]
+TrackerAnswer = list[Detection] | list[FaceMesh] | Future[list[Detection]]
 TrackerSteps = Generator[TrackerRequest, TrackerAnswer, "TrackingCounts"]
 
 
@@ -108,8 +112,14 @@ class FaceTracker:
         detector: FaceDetector,
         landmarker: FaceMeshLandmarker,
         smoothing: OneEuroParams | None = None,
+        detect_in_background: bool = False,
     ) -> None:
+        """`detect_in_background=True` asks for detections in the background: the
+        detector (the costliest model per call) then never delays a frame, and new faces
+        are picked up a frame or two later."""
         self.detector = detector
+        self.detect_in_background = detect_in_background
+        self._pending: Future[list[Detection]] | None = None
         self._backlog: list[Detection] = []
         self._rejected: list[tuple[np.ndarray, int]] = []
         self.landmarker = landmarker
@@ -123,6 +133,7 @@ class FaceTracker:
 
     def reset(self) -> None:
         self.tracks = []
+        self._pending = None
         self._fit_share = 0.0
         self._backlog = []
         self._rejected = []
@@ -155,6 +166,10 @@ class FaceTracker:
                 return counts
             if isinstance(request, DetectRequest):
                 answer = self.detector.detect(request.image, max_side=request.max_side)
+                if request.background:
+                    ready: Future[list[Detection]] = Future()
+                    ready.set_result(answer)
+                    answer = ready
             else:
                 answer = self.landmarker.landmarks(request.image, request.regions)
 
@@ -181,18 +196,26 @@ class FaceTracker:
         """
         self._frame += 1
         self._frames_since_detection += 1
+        if self._pending is not None and self._pending.done():
+            pending, self._pending = self._pending, None
+            try:
+                self._backlog = _big_enough(pending.result())
+            except Exception:
+                # A detection that failed in the background fails this frame's tracking
+                # (it goes out unswapped and is counted); the next frame asks again.
+                self._want_detection = True
+                raise
         detect = (
             self._want_detection
             or not self.tracks
             or self._frames_since_detection >= detect_interval
         )
-        if detect:
-            found = yield DetectRequest(frame_bgr, detect_size)
-            self._backlog = [
-                d
-                for d in found
-                if isinstance(d, Detection) and max(d.width, d.height) >= MIN_FACE_SIZE
-            ]
+        if detect and self._pending is None:
+            found = yield DetectRequest(frame_bgr, detect_size, self.detect_in_background)
+            if isinstance(found, Future):
+                self._pending = found
+            else:
+                self._backlog = _big_enough(found)
             self._frames_since_detection = 0
             self._want_detection = False
         # Faces are started a few per frame: a crowd coming into view at once would
@@ -324,7 +347,14 @@ class FaceTracker:
 
 
 def _meshes(answer: TrackerAnswer) -> list[FaceMesh]:
-    """A fit request's answer, checked: the generator's send type covers both kinds."""
-    if not all(isinstance(mesh, FaceMesh) for mesh in answer):
+    """A fit request's answer, checked: the generator's send type covers every kind."""
+    if isinstance(answer, Future) or not all(isinstance(mesh, FaceMesh) for mesh in answer):
         raise TypeError("a fit request must be answered with meshes")
     return [mesh for mesh in answer if isinstance(mesh, FaceMesh)]
+
+
+def _big_enough(found: Sequence[object]) -> list[Detection]:
+    """The detections of faces big enough to track."""
+    return [
+        d for d in found if isinstance(d, Detection) and max(d.width, d.height) >= MIN_FACE_SIZE
+    ]

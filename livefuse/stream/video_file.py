@@ -132,7 +132,10 @@ def _swap_into(
             # here, on the thread that owns the containers.
             swapped: queue.Queue[ProcessedFrame | None] = queue.Queue()
             session = engine.open_session(
-                on_output=swapped.put, quality="high", face_selection=faces
+                on_output=swapped.put,
+                quality="high",
+                face_selection=faces,
+                detect_in_background=False,
             )
             session.source = source
             writer = _FrameWriter(video_out, sink, report, on_frame, total)

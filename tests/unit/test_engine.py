@@ -92,10 +92,20 @@ class Collector:
 
 
 def open_session(
-    engine: FrameEngine, source: SourceFace | None, **options: object
+    engine: FrameEngine,
+    source: SourceFace | None,
+    *,
+    detect_in_background: bool = False,
+    **options: object,
 ) -> tuple[EngineSession, Collector]:
+    """A session with a collector; detection in the foreground unless asked otherwise, so
+    which frame first shows a face does not depend on timing."""
     collector = Collector()
-    session = engine.open_session(on_output=collector, **options)  # type: ignore[arg-type]
+    session = engine.open_session(
+        on_output=collector,
+        detect_in_background=detect_in_background,
+        **options,  # type: ignore[arg-type]
+    )
     session.source = source
     return session, collector
 
@@ -135,7 +145,7 @@ def test_each_session_gets_its_own_frames_back_in_order_swapped(
             outputs = collector.outputs
             assert [o.tag for o in outputs] == list(range(len(clip)))  # all, in order
             assert session.dropped == 0 and session.errors == {}
-            for output in outputs[2:]:
+            for output in outputs:
                 assert output.stats.swapped == 1, output.stats
                 frame = clip[output.tag]  # type: ignore[index]
                 changed = np.abs(output.image.astype(np.int16) - frame).max(axis=2) > 12
@@ -206,7 +216,7 @@ def test_a_failing_session_passes_its_frames_through_while_the_others_swap(
             collector.wait_for(len(frames))
 
         assert all(o.stats.error is None for o in healthy_out.outputs)
-        assert all(o.stats.swapped == 2 for o in healthy_out.outputs[3:])
+        assert all(o.stats.swapped == 2 for o in healthy_out.outputs[1:])
         for session, collector, stage in (
             (bad_swap, bad_swap_out, "swap"),
             (bad_track, bad_track_out, "track"),
@@ -214,7 +224,8 @@ def test_a_failing_session_passes_its_frames_through_while_the_others_swap(
             tagged = [o for o in collector.outputs if isinstance(o.tag, int)]
             assert [o.tag for o in tagged] == list(range(len(frames)))
             failed = [o for o in tagged if o.stats.error is not None]
-            assert len(failed) >= len(frames) - 2  # the first frames may find no face yet
+            # A frame that only starts tracks does not smooth yet, so it may get through.
+            assert len(failed) >= len(frames) // 2
             for output in failed:
                 assert output.stats.error.startswith(stage)  # type: ignore[union-attr]
                 # Never black, never half-drawn: the frame exactly as it came in.
@@ -255,6 +266,32 @@ def test_batched_tracking_matches_one_tracker_alone(
                 assert got.keys() == tracks.keys()
                 for track_id, points in tracks.items():
                     np.testing.assert_allclose(got[track_id], points, atol=1e-3)
+    finally:
+        engine.close()
+
+
+def test_a_live_session_never_waits_for_the_detector(
+    faces: FacePipeline, source: SourceFace, astronaut_head: np.ndarray
+) -> None:
+    """Detection in the background: the first frame goes on without it (no face yet),
+    the face is taken up once the detection is in, and swapped from then on."""
+    engine = FrameEngine(faces=faces)
+    try:
+        live, live_out = open_session(engine, source, quality="fast", detect_in_background=True)
+        file, file_out = open_session(engine, source, quality="fast")
+        frames = [scene((astronaut_head, 60 + i)) for i in range(30)]
+        for index, frame in enumerate(frames):
+            file.submit(frame, timestamp=index / FPS, tag=index, block=True)
+            live.submit(frame, timestamp=index / FPS, tag=index, block=True)
+            time.sleep(1 / FPS)
+        live_out.wait_for(len(frames))
+        file_out.wait_for(len(frames))
+        assert live_out.outputs[0].stats.faces == 0  # did not wait for the detector
+        assert file_out.outputs[0].stats.faces == 1  # waited: deterministic, for files
+        first = next(i for i, o in enumerate(live_out.outputs) if o.stats.swapped)
+        assert all(o.stats.swapped == 1 for o in live_out.outputs[first:])
+        assert live.errors == {} and file.errors == {}
+        assert engine.metrics.snapshot()["busy"]["detect"] > 0  # the detection worker ran
     finally:
         engine.close()
 
@@ -308,7 +345,7 @@ def test_process_returns_one_frame_and_an_engine_closes_cleanly(
     faces: FacePipeline, source: SourceFace, astronaut_head: np.ndarray
 ) -> None:
     engine = FrameEngine(faces=faces)
-    session = engine.open_session(quality="fast")
+    session = engine.open_session(quality="fast", detect_in_background=False)
     session.source = source
     outputs = [session.process(scene((astronaut_head, 60)), timestamp=i / FPS) for i in range(3)]
     assert all(o is not None and o.stats.swapped == 1 for o in outputs[1:])
