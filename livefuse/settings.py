@@ -78,9 +78,6 @@ class Settings(BaseSettings):
     occlusion: bool = False
     """Keep hands, glasses and hair in front of swapped faces (BiSeNet, bring your own)."""
 
-    child_processes: bool = False
-    """(Being replaced by the frame engine's swap processes.)"""
-
     swap_processes: int | None = Field(default=None, ge=0)
     """Child processes that take part of each batch's face swaps on the CPU (the frame
     engine's CPU scheduler, stream/swap_pool.py): threads of one process mostly wait for

@@ -6,9 +6,11 @@ per-image composition used by `livefuse swap` and as the reference the stream ma
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -75,19 +77,25 @@ _SOURCE_FIT_SHIFT = 0.03
 _SOURCE_FIT_SCALE = 0.15
 
 
-@dataclass
 class StageTimer:
-    """Accumulates wall time per named stage (milliseconds)."""
+    """Wall time per named stage of the face work (milliseconds), for the pipeline that
+    owns it: written by whichever thread runs a stage (the frame engine's workers, the
+    source preparation), so under a lock."""
 
-    totals_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.totals_ms: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
 
     def add(self, stage: str, started: float, items: int = 1) -> None:
-        self.totals_ms[stage] += (time.perf_counter() - started) * 1000
-        self.counts[stage] += items
+        elapsed = (time.perf_counter() - started) * 1000
+        with self._lock:
+            self.totals_ms[stage] += elapsed
+            self.counts[stage] += items
 
     def per_item_ms(self) -> dict[str, float]:
-        return {k: self.totals_ms[k] / max(1, self.counts[k]) for k in self.totals_ms}
+        with self._lock:
+            return {k: self.totals_ms[k] / max(1, self.counts[k]) for k in self.totals_ms}
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +117,10 @@ class PreparedSource:
 
 class FaceDetector(Protocol):
     def detect(self, frame_bgr: np.ndarray, *, max_side: int = 640) -> list[Detection]: ...
+
+    def detect_batch(
+        self, frames_bgr: Sequence[np.ndarray], *, max_side: int = 640
+    ) -> list[list[Detection]]: ...
 
 
 def first_registered(store: ModelStore, names: tuple[str, ...]) -> str:

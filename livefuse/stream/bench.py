@@ -22,7 +22,7 @@ import av
 import numpy as np
 
 from livefuse.stream.engine import FrameEngine
-from livefuse.stream.frames import ProcessedFrame
+from livefuse.stream.frames import FrameStats, ProcessedFrame, TrackedFace
 
 # Frames the smoothing needs to settle before a track's jitter is measured.
 _JITTER_SETTLE_FRAMES = 15
@@ -77,11 +77,21 @@ def load_clip(
     return Clip(frames=frames, width=width, height=height, fps=fps, truncated=truncated)
 
 
+@dataclass(frozen=True)
+class FrameRecord:
+    """What the bench keeps of a processed frame: its stats and faces, not its pixels.
+    Holding every frame's pixels (2.7 MB at 720p) would make each new frame fresh memory
+    the kernel must fault in, a cost no live stream pays, which the figures would show."""
+
+    stats: FrameStats
+    faces: tuple[TrackedFace, ...]
+
+
 class BenchStream:
-    """One stream of the bench: an engine session and the frames it handed back."""
+    """One stream of the bench: an engine session and what it handed back."""
 
     def __init__(self, engine: FrameEngine, **options: Any) -> None:
-        self.outputs: list[ProcessedFrame] = []
+        self.outputs: list[FrameRecord] = []
         self.output_times: list[float] = []
         self._done = threading.Condition()
         self._on_frame: Callable[[ProcessedFrame], None] | None = None
@@ -89,7 +99,7 @@ class BenchStream:
 
     def _keep(self, output: ProcessedFrame) -> None:
         with self._done:
-            self.outputs.append(output)
+            self.outputs.append(FrameRecord(stats=output.stats, faces=output.faces))
             self.output_times.append(time.perf_counter())
             self._done.notify_all()
         if self._on_frame is not None:
@@ -204,13 +214,13 @@ def run_streams(streams: list[BenchStream], clip: Clip, *, paced: bool = True) -
 
 @dataclass
 class _Run:
-    outputs: list[ProcessedFrame]
+    outputs: list[FrameRecord]
     elapsed_s: float
     errors: dict[str, int]
 
 
 def summarise(
-    outputs: list[ProcessedFrame],
+    outputs: list[FrameRecord],
     *,
     clip: Clip,
     elapsed_s: float,
@@ -244,7 +254,7 @@ def summarise(
     }
 
 
-def landmark_jitter(outputs: list[ProcessedFrame]) -> dict[str, float | None]:
+def landmark_jitter(outputs: list[FrameRecord]) -> dict[str, float | None]:
     """RMS distance (px) of each landmark from its own mean position, per track.
 
     On a static clip every movement of a landmark is jitter: this is the figure that

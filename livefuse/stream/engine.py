@@ -44,7 +44,6 @@ from typing import TypeVar
 
 import numpy as np
 
-from livefuse.engines.detector import CenterFaceDetector
 from livefuse.engines.identity import IdentityFace
 from livefuse.engines.pipeline import FacePipeline, FaceSelection, require_bgr8
 from livefuse.engines.swapper import SourceFace
@@ -328,15 +327,22 @@ class EngineMetrics:
         with self._lock:
             self.errors[stage] += 1
 
-    def snapshot(self) -> dict[str, object]:
+    def busy_ratio(self) -> dict[str, float]:
+        """Per worker, the share of the time since the engine started spent working."""
         with self._lock:
             elapsed = max(time.monotonic() - self.started, 1e-9)
+            return {stage: seconds / elapsed for stage, seconds in self.busy_s.items()}
+
+    def snapshot(self) -> dict[str, object]:
+        """Everything above, for the bench's JSON."""
+        busy = self.busy_ratio()
+        with self._lock:
             return {
                 "batches": self.batches,
                 "frames": self.frames,
                 "mean_batch": round(self.frames / self.batches, 2) if self.batches else 0.0,
                 "largest_batch": self.largest_batch,
-                "busy": {stage: round(s / elapsed, 3) for stage, s in self.busy_s.items()},
+                "busy": {stage: round(ratio, 3) for stage, ratio in busy.items()},
                 "errors": dict(self.errors),
             }
 
@@ -705,11 +711,8 @@ class FrameEngine:
             self.metrics.batch("detect", len(waiting), time.perf_counter() - started)
 
     def _detect(self, requests: list[DetectRequest], max_side: int) -> list[list[Detection]]:
-        detector = self.faces.face_detector
         images = [request.image for request in requests]
-        if isinstance(detector, CenterFaceDetector):
-            return detector.detect_batch(images, max_side=max_side)
-        return [detector.detect(image, max_side=max_side) for image in images]
+        return self.faces.face_detector.detect_batch(images, max_side=max_side)
 
     # -- stage B: swap and blend, then each frame back to its session --------------------
 

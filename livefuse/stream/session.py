@@ -1,10 +1,10 @@
 """One live stream: a publisher's tracks in, one processing, any number of outputs.
 
-A `StreamSession` owns everything per stream and nothing else: the real-time pipeline
-(it holds the face tracks), the scheduler's two worker threads, the task that reads the
-publisher's video, the output slot every sender pulls from, the one H.264 encode its
-H.264 senders share (and its thread), and the audio relay. It is
-built with its dependencies (`RealtimePipeline`, the loop, callbacks) and torn down by
+A `StreamSession` owns everything per stream and nothing else: its session on the
+process's one frame engine (which holds its face tracks and settings), the task that
+reads the publisher's video into it, the output slot every sender pulls from, the one
+H.264 encode its H.264 senders share (and its thread), and the audio relay. It is built
+with its dependencies (the `FrameEngine`, the loop, callbacks) and torn down by
 `close()`, which leaves no task or thread behind. The web layer decides when a session
 starts and ends; here is only what happens to the frames.
 """
@@ -24,8 +24,10 @@ from aiortc import MediaStreamTrack
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 
-from livefuse.stream.realtime import FrameStats, ProcessedFrame, RealtimePipeline
-from livefuse.stream.scheduler import ThreadedScheduler
+from livefuse.engines.pipeline import FaceSelection
+from livefuse.stream.engine import EngineClosed, FrameEngine
+from livefuse.stream.frames import FrameStats, ProcessedFrame
+from livefuse.stream.quality import QualityMode
 from livefuse.stream.shared_encode import EncodedVideoTrack, SharedH264Encoder
 from livefuse.stream.tracks import (
     OutputSlot,
@@ -49,9 +51,9 @@ class SessionStats:
     frames_in: int
     frames_out: int
     dropped: int
-    """Frames never processed: replaced while waiting (scheduler) or skipped in aiortc's queue."""
+    """Frames never processed: replaced while waiting (engine) or skipped in aiortc's queue."""
     latency_ms: dict[str, float]
-    """p50/p95/p99 of pipeline latency over the last frames."""
+    """p50/p95/p99 of the engine's latency over the last frames."""
     quality: str
     """The level in force."""
     quality_mode: str
@@ -102,14 +104,15 @@ class StreamSession:
         self,
         *,
         session_id: str,
-        pipeline: RealtimePipeline,
+        engine: FrameEngine,
         loop: asyncio.AbstractEventLoop,
         idle_timeout_s: float,
+        quality: QualityMode = "auto",
+        face_selection: FaceSelection = "all",
         on_frame: Callable[[FrameStats], None] | None = None,
         on_idle: Callable[[StreamSession], None] | None = None,
     ) -> None:
         self.id = session_id
-        self.pipeline = pipeline
         self.output = OutputSlot()
         self.created = time.time()
         self.frames_in = 0
@@ -129,9 +132,14 @@ class StreamSession:
         self._audio_relay = MediaRelay()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self.scheduler = ThreadedScheduler(
-            pipeline, on_output=self._from_worker, name=f"livefuse-{session_id[:8]}"
+        self.frames = engine.open_session(
+            on_output=self._from_worker,
+            quality=quality,
+            face_selection=face_selection,
+            session_id=session_id,
         )
+        """This stream's place in the engine: its source, quality, on/off and faces are
+        the settings a user changes while streaming."""
         self._start(self._watch_idle(), "idle")
 
     # -- inputs -------------------------------------------------------------------------
@@ -171,7 +179,10 @@ class StreamSession:
             self.skipped += skipped
             self._in_times.append(now)
             timestamp = float(frame.time) if frame.time is not None else now
-            self.scheduler.submit(frame, timestamp=timestamp, tag=(frame.pts, frame.time_base))
+            try:
+                self.frames.submit(frame, timestamp=timestamp, tag=(frame.pts, frame.time_base))
+            except EngineClosed:  # the session (or the service) is ending
+                return
 
     async def _watch_idle(self) -> None:
         # A publisher that vanishes without a goodbye (network gone, OBS killed) leaves
@@ -191,7 +202,7 @@ class StreamSession:
     # -- outputs ------------------------------------------------------------------------
 
     def _from_worker(self, processed: ProcessedFrame) -> None:
-        """On a scheduler thread: convert once for every sender, then hop to the loop."""
+        """On an engine thread: convert once for every sender, then hop to the loop."""
         pts, time_base = processed.tag if isinstance(processed.tag, tuple) else (None, None)
         frame = to_output_frame(processed.image, pts=pts_90k(pts, time_base), stats=processed.stats)
         try:
@@ -237,20 +248,20 @@ class StreamSession:
         last = self._last_stats
         latencies = list(self._latencies)
         encode = self._h264.stats() if self._h264 is not None else None
-        errors = dict(self.pipeline.errors)
+        errors = dict(self.frames.errors)
         if encode is not None and encode.errors:
             errors["encode"] = encode.errors
         return SessionStats(
             fps_in=_rate(self._in_times, now),
             fps_out=_rate(self._out_times, now),
             frames_in=self.frames_in,
-            frames_out=self.pipeline.frames_out,
-            dropped=self.scheduler.dropped + self.skipped,
+            frames_out=self.frames.frames_out,
+            dropped=self.frames.dropped + self.skipped,
             latency_ms={
                 q: _percentile(latencies, n) for q, n in (("p50", 50), ("p95", 95), ("p99", 99))
             },
-            quality=self.pipeline.controller.level.name,
-            quality_mode=self.pipeline.quality,
+            quality=self.frames.level.name,
+            quality_mode=self.frames.quality,
             faces=last.faces if last else 0,
             swapped=last.swapped if last else 0,
             errors=errors,
@@ -274,7 +285,7 @@ class StreamSession:
             )
 
     async def close(self) -> None:
-        """End the stream: stop reading, stop the workers, end every output. Idempotent."""
+        """End the stream: stop reading, leave the engine, end every output. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -289,10 +300,5 @@ class StreamSession:
             track.stop()
         if self._h264 is not None:
             await self._h264.close()
-        # Joining the workers may wait for a frame in flight, and a tracking child process
-        # takes a moment to stop: not on the loop.
-        await asyncio.to_thread(self._stop_workers)
-
-    def _stop_workers(self) -> None:
-        self.scheduler.close()
-        self.pipeline.close()
+        # Its frames still in the engine are not handed back; the engine serves the others.
+        self.frames.close()

@@ -449,6 +449,14 @@ class SwapPool:
             weakref.WeakKeyDictionary()
         )
 
+    def processes(self) -> list[Any]:
+        """The child processes running now (multiprocessing.Process objects)."""
+        return [
+            child.child.process
+            for child in self._children
+            if child.child is not None and child.child.process is not None
+        ]
+
     def wait_ready(self) -> None:
         """Wait until every child has loaded its models (a bench's or a service's start,
         so the first frames are not all swapped in the engine's thread); a child that

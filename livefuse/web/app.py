@@ -241,16 +241,16 @@ async def _patch_session(request: web.Request) -> web.Response:
         raise json_error(422, "bad_enabled", "enabled must be true or false")
     if "faces" in body and body["faces"] not in webrtc.FACE_SELECTIONS:
         raise json_error(422, "bad_faces", "faces must be all or largest")
-    pipeline = session.stream.pipeline
+    frames = session.stream.frames
     if "source" in body:
         session.source = source
-        pipeline.source = source.face if source else None
+        frames.source = source.face if source else None
     if "quality" in body:
-        pipeline.quality = body["quality"]
+        frames.quality = body["quality"]
     if "enabled" in body:
-        pipeline.enabled = body["enabled"]
+        frames.enabled = body["enabled"]
     if "faces" in body:
-        pipeline.face_selection = body["faces"]
+        frames.face_selection = body["faces"]
     return web.json_response(session.as_dict())
 
 

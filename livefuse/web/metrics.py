@@ -12,14 +12,26 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from livefuse.stream.realtime import FrameStats
+from livefuse.stream.engine import EngineMetrics
+from livefuse.stream.frames import FrameStats
+from livefuse.stream.quality import QualityController
 from livefuse.stream.session import SessionStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+
+
+class EngineView(Protocol):
+    """What /metrics reads of the frame engine."""
+
+    @property
+    def metrics(self) -> EngineMetrics: ...
+
+    @property
+    def governor(self) -> QualityController: ...
 
 
 class LiveSessionView(Protocol):
@@ -33,12 +45,17 @@ class LiveSessionView(Protocol):
 
 class _SessionCollector(Collector):
     def __init__(
-        self, sessions: Callable[[], Iterable[LiveSessionView]], ready: Callable[[], bool]
+        self,
+        sessions: Callable[[], Iterable[LiveSessionView]],
+        ready: Callable[[], bool],
+        engine: Callable[[], EngineView | None],
     ) -> None:
         self._sessions = sessions
         self._ready = ready
+        self._engine = engine
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._collect_engine()
         sessions = list(self._sessions())
         yield GaugeMetricFamily(
             "livefuse_ready", "1 when the models are loaded and warm", value=float(self._ready())
@@ -71,10 +88,42 @@ class _SessionCollector(Collector):
             p95.add_metric([session.id], stats.latency_ms.get("p95", 0.0) / 1000.0)
         yield from (viewers, fps, dropped, quality, p95)
 
+    def _collect_engine(self) -> Iterator[Metric]:
+        """The process's one frame engine: how many frames it batched, how busy each of
+        its workers is, the level its `auto` sessions share."""
+        engine = self._engine()
+        if engine is None:
+            return
+        snapshot = engine.metrics.snapshot()
+        batches = CounterMetricFamily("livefuse_engine_batches", "Batches the frame engine has run")
+        batches.add_metric([], float(snapshot["batches"]))  # type: ignore[arg-type]
+        frames = CounterMetricFamily(
+            "livefuse_engine_frames", "Frames the frame engine has taken in"
+        )
+        frames.add_metric([], float(snapshot["frames"]))  # type: ignore[arg-type]
+        busy = GaugeMetricFamily(
+            "livefuse_engine_busy_ratio",
+            "Share of the time each engine worker has been working since it started",
+            labels=["worker"],
+        )
+        for worker, ratio in snapshot["busy"].items():  # type: ignore[attr-defined]
+            busy.add_metric([worker], float(ratio))
+        level = GaugeMetricFamily(
+            "livefuse_engine_auto_quality",
+            "The level the sessions on auto share (1 for the current level)",
+            labels=["level"],
+        )
+        level.add_metric([engine.governor.level.name], 1.0)
+        yield from (batches, frames, busy, level)
+
 
 class Metrics:
     def __init__(
-        self, *, sessions: Callable[[], Iterable[LiveSessionView]], ready: Callable[[], bool]
+        self,
+        *,
+        sessions: Callable[[], Iterable[LiveSessionView]],
+        ready: Callable[[], bool],
+        engine: Callable[[], EngineView | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
@@ -104,7 +153,7 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        self.registry.register(_SessionCollector(sessions, ready))
+        self.registry.register(_SessionCollector(sessions, ready, engine))
 
     def frame(self, stats: FrameStats) -> None:
         self.latency.observe(stats.latency_ms / 1000.0)

@@ -1,10 +1,10 @@
-"""The service's state: the shared face pipeline, sources, live sessions and their viewers.
+"""The service's state: the frame engine, sources, live sessions and their viewers.
 
-One `Service` per app. The face pipeline (models) is loaded once and shared by every
-session; each WHIP publisher gets a `LiveSession` (its peer connection, its
-`StreamSession`, its WHEP viewers). Ending a session, for whatever reason (DELETE, the
-peer's connection failing, no video for a while, shutdown), goes through `end_session`,
-which closes everything it owns exactly once.
+One `Service` per app. The models are loaded once into the process's one `FrameEngine`,
+which every session's frames go through; each WHIP publisher gets a `LiveSession` (its
+peer connection, its `StreamSession`, its WHEP viewers). Ending a session, for whatever
+reason (DELETE, the peer's connection failing, no video for a while, shutdown), goes
+through `end_session`, which closes everything it owns exactly once.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 
-from livefuse.engines.pipeline import FacePipeline
+from livefuse.engines.backend import Backend, select_backend
+from livefuse.engines.pipeline import FacePipeline, FaceSelection
 from livefuse.engines.store import ModelError, ModelStore
 from livefuse.settings import Settings
 from livefuse.stream import codecs
-from livefuse.stream.realtime import RealtimePipeline
+from livefuse.stream.engine import FrameEngine
+from livefuse.stream.quality import QualityMode
 from livefuse.stream.session import SessionStats, StreamSession
 from livefuse.web.errors import sdp_error
 from livefuse.web.metrics import Metrics
@@ -54,13 +56,13 @@ class LiveSession:
         return self.stream.stats()
 
     def as_dict(self) -> dict[str, Any]:
-        pipeline = self.stream.pipeline
+        frames = self.stream.frames
         return {
             "id": self.id,
             "source": self.source.id if self.source else None,
-            "quality": pipeline.quality,
-            "enabled": pipeline.enabled,
-            "faces": pipeline.face_selection,
+            "quality": frames.quality,
+            "enabled": frames.enabled,
+            "faces": frames.face_selection,
             "mode": self.mode,
             "viewers": self.viewer_count,
             "created": self.created,
@@ -72,16 +74,28 @@ class LiveSession:
 
 
 class Service:
-    def __init__(self, *, settings: Settings, face_pipeline: FacePipeline | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        face_pipeline: FacePipeline | None = None,
+        backend: Backend | None = None,
+    ) -> None:
         self.settings = settings
         self.face_pipeline = face_pipeline
+        self._owns_pipeline = face_pipeline is None
+        self.backend = backend or select_backend("cpu", threads=1)
+        self.engine: FrameEngine | None = None
+        """The process's one frame engine, made once the models are loaded."""
         self.ready = False
         self.problem: str | None = "the models are loading"
         self.sources = SourceStore(limit=settings.max_sources)
         self.preparer = SourcePreparer()
         self.sessions: dict[str, LiveSession] = {}
         self.metrics = Metrics(
-            sessions=lambda: list(self.sessions.values()), ready=lambda: self.ready
+            sessions=lambda: list(self.sessions.values()),
+            ready=lambda: self.ready,
+            engine=lambda: self.engine,
         )
         self._starting = 0
         self._ending: dict[str, asyncio.Task[bool]] = {}
@@ -99,7 +113,7 @@ class Service:
 
     async def _load(self) -> None:
         try:
-            self.face_pipeline = await asyncio.to_thread(self._load_and_warm)
+            self.face_pipeline, self.engine = await asyncio.to_thread(self._load_and_warm)
         except ModelError as error:
             self.problem = str(error)
             log.error("event=models_unavailable problem=%r", str(error))
@@ -107,27 +121,33 @@ class Service:
         self.ready, self.problem = True, None
         log.info("event=models_ready")
 
-    def _load_and_warm(self) -> FacePipeline:
+    def _load_and_warm(self) -> tuple[FacePipeline, FrameEngine]:
         settings = self.settings
         pipeline = self.face_pipeline or FacePipeline.from_store(
             ModelStore(settings.models_dir),
-            threads=1,
+            backend=self.backend,
             swapper=settings.swapper,
             detector=settings.detector,
             enhancer=settings.enhancer,
             occlusion=settings.occlusion,
         )
-        # The first inference of each model allocates and plans; pay for it before the
-        # first viewer would.
+        engine = FrameEngine(faces=pipeline, swap_processes=settings.resolved_swap_processes)
+        # The first inference of each model allocates and plans, and the swap processes
+        # load their models: pay for it before the first viewer would.
         frame = np.full((720, 1280, 3), 128, np.uint8)
-        RealtimePipeline(faces=pipeline).process(frame, timestamp=0.0)
+        warm_up = engine.open_session(detect_in_background=False)
+        try:
+            warm_up.process(frame, timestamp=0.0)
+        finally:
+            warm_up.close()
         pipeline.find_faces(frame)
-        return pipeline
+        engine.wait_ready()
+        return pipeline, engine
 
     async def stop(self) -> None:
-        """End every session cleanly (graceful shutdown)."""
+        """End every session cleanly, then the engine (graceful shutdown)."""
         if self._load_task is not None:
-            self._load_task.cancel()
+            # Not cancelled: the loading thread would go on and leave an engine behind.
             await asyncio.gather(self._load_task, return_exceptions=True)
         await asyncio.gather(
             *(self.end_session(s, reason="shutdown") for s in list(self.sessions)),
@@ -136,6 +156,16 @@ class Service:
             return_exceptions=True,
         )
         self.preparer.close()
+        self.ready = False
+        # Joining the engine's workers and its swap processes takes a moment: not on the loop.
+        await asyncio.to_thread(self._close_engine)
+
+    def _close_engine(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self.face_pipeline is not None and self._owns_pipeline:
+            self.face_pipeline.close()
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -171,12 +201,17 @@ class Service:
         servers = [RTCIceServer(urls=url) for url in self.settings.ice_servers]
         return RTCPeerConnection(RTCConfiguration(iceServers=servers))
 
-    def new_stream(self, session_id: str, pipeline: RealtimePipeline) -> StreamSession:
+    def new_stream(
+        self, session_id: str, *, quality: QualityMode, face_selection: FaceSelection
+    ) -> StreamSession:
+        assert self.engine is not None, "sessions start once the service is ready"
         return StreamSession(
             session_id=session_id,
-            pipeline=pipeline,
+            engine=self.engine,
             loop=asyncio.get_running_loop(),
             idle_timeout_s=self.settings.idle_timeout_s,
+            quality=quality,
+            face_selection=face_selection,
             on_frame=self.metrics.frame,
             on_idle=lambda stream: self.schedule_end(stream.id, reason="no video"),
         )

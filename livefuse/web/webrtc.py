@@ -20,7 +20,6 @@ from aiortc.sdp import SessionDescription, candidate_from_sdp
 from livefuse.engines.pipeline import FaceSelection
 from livefuse.stream import codecs
 from livefuse.stream.quality import QUALITY_MODES
-from livefuse.stream.realtime import RealtimePipeline
 from livefuse.stream.shared_encode import EncodedVideoTrack
 from livefuse.web.errors import ApiError, sdp_error
 from livefuse.web.service import LiveSession, close_peer
@@ -137,7 +136,7 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
         request, max_bytes=settings.max_sdp_bytes, content_type=SDP_TYPE
     )
     description = parse_offer(offer_sdp)
-    faces = service.require_ready()
+    service.require_ready()
     source = None
     if source_id := request.query.get("source"):
         source = service.sources.get(source_id)
@@ -158,24 +157,14 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
         raise sdp_error(400, "bad_direction", f"a WHIP offer must send video (it is {direction})")
 
     service.reserve_session()
-    try:
-        # Child processes are spawned here (their models load while the first frames
-        # arrive): not on the loop.
-        pipeline = await asyncio.to_thread(
-            RealtimePipeline,
-            faces=faces,
-            quality=quality,
-            face_selection=cast(FaceSelection, face_selection),
-            track_in_child=settings.child_processes,
-            swap_in_child=settings.child_processes,
-        )
-    except BaseException:
-        service.release_reservation()
-        raise
-    pipeline.source = source.face if source else None
     pc = service.new_peer_connection()
     session_id = service.new_id()
-    stream = service.new_stream(session_id, pipeline)
+    stream = service.new_stream(
+        session_id,
+        quality=quality,
+        face_selection=cast(FaceSelection, face_selection),
+    )
+    stream.frames.source = source.face if source else None
     try:
 
         @pc.on("track")

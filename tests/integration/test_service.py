@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import multiprocessing
 import statistics
 import struct
 import threading
@@ -597,10 +596,10 @@ async def _refused_publish(
 
 def test_shutdown_ends_every_session_cleanly(settings: Settings, still_frame: np.ndarray) -> None:
     """Stopping the server (SIGTERM in `livefuse serve`) closes publishers and viewers
-    and leaves no session thread or child process running. This server's sessions have
-    child processes (LIVEFUSE_CHILD_PROCESSES)."""
+    and leaves no session thread, engine worker or swap process running."""
     stack = contextlib.ExitStack()
-    live = stack.enter_context(live_server(settings.model_copy(update={"child_processes": True})))
+    others = set(threading.enumerate())  # the module's own server runs an engine too
+    live = stack.enter_context(live_server(settings.model_copy(update={"swap_processes": 1})))
 
     async def scenario(http: aiohttp.ClientSession) -> None:
         try:
@@ -608,13 +607,23 @@ def test_shutdown_ends_every_session_cleanly(settings: Settings, still_frame: np
             await publisher.wait_frames(3)
             viewer = await watch(http, live.base, publisher.session_id, token=None)
             await viewer.wait_frames(3)
-            children = sorted(p.name for p in multiprocessing.active_children())
-            assert children == ["livefuse-swap", "livefuse-tracker"], children
+            engine = live.service.engine
+            assert engine is not None and engine.swap_pool is not None
+            children = engine.swap_pool.processes()
+            assert [p.name for p in children] == ["livefuse-swap-0"]
+            assert all(p.is_alive() for p in children)
+            workers = [
+                t
+                for t in set(threading.enumerate()) - others
+                if t.name.startswith("livefuse-engine")
+            ]
+            assert len(workers) == 4  # track, swap, finish, detect
         finally:
             await asyncio.to_thread(stack.close)
         assert live.service.sessions == {}
         assert session_threads(publisher.session_id) == []
-        assert [p.name for p in multiprocessing.active_children()] == []
+        assert [w.name for w in workers if w.is_alive()] == []
+        assert not any(p.is_alive() for p in children)
         deadline = time.monotonic() + 15
         for peer in (publisher, viewer):
             while peer.pc.connectionState not in ("closed", "failed"):

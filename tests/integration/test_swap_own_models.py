@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -18,8 +19,8 @@ from livefuse.engines.pipeline import FacePipeline, StageTimer
 from livefuse.engines.registry import KNOWN_MODELS, MODELS, KnownFile, OwnSource
 from livefuse.engines.scrfd import SCRFDDetector
 from livefuse.engines.store import ModelStore
-from livefuse.stream.realtime import RealtimePipeline
-from livefuse.stream.tracker_process import TrackerProcess
+from livefuse.engines.types import Detection
+from livefuse.stream.engine import FrameEngine
 from tests.own_models import (
     make_arcface,
     make_enhancer,
@@ -126,36 +127,62 @@ def test_scrfd_is_loaded_when_chosen(home: Path) -> None:
     assert pipeline.detector is not pipeline.face_detector
 
 
-def test_the_realtime_pipeline_runs_the_enhancer_only_at_the_top_level(
+def test_the_engine_runs_the_enhancer_only_at_the_top_level_and_in_its_own_thread(
     home: Path, hanks_bgr: np.ndarray, astronaut_bgr: np.ndarray
 ) -> None:
     bring(home, "gfpgan_1.4")
     faces = FacePipeline.from_store(ModelStore(home / "models"), threads=1, enhancer="gfpgan")
     source = faces.prepare_source(hanks_bgr).face
-    for quality, enhanced in (("high", True), ("fast", False)):
-        faces.timer = StageTimer()
-        realtime = RealtimePipeline(faces=faces, quality=quality)
-        realtime.source = source
-        for index in range(3):
-            output = realtime.process(astronaut_bgr, timestamp=index / 30)
-            assert output is not None and output.stats.swapped == 1
-        assert ("enhance" in faces.timer.counts) is enhanced, quality
+    # The enhancer reaches beyond a face's surroundings: its faces never go to the swap
+    # processes, and the frames come out enhanced all the same.
+    engine = FrameEngine(faces=faces, swap_processes=1)
+    try:
+        for quality, enhanced in (("high", True), ("fast", False)):
+            faces.timer = StageTimer()
+            session = engine.open_session(quality=quality, detect_in_background=False)
+            session.source = source
+            for index in range(3):
+                output = session.process(astronaut_bgr, timestamp=index / 30)
+                assert output is not None and output.stats.swapped == 1
+            session.close()
+            assert ("enhance" in faces.timer.counts) is enhanced, quality
+    finally:
+        engine.close()
+        faces.close()
 
 
-def test_the_tracking_child_detects_with_scrfd_when_chosen(
-    home: Path, astronaut_bgr: np.ndarray
+def test_the_engine_tracks_with_scrfd_when_chosen(
+    home: Path, hanks_bgr: np.ndarray, astronaut_bgr: np.ndarray, model_store: ModelStore
 ) -> None:
     bring(home, "det_10g")
     faces = FacePipeline.from_store(ModelStore(home / "models"), threads=1, detector="scrfd")
     assert faces.detector_choice == "scrfd"
-    realtime = RealtimePipeline(faces=faces, quality="fast", track_in_child=True)
+    # The stand-in SCRFD finds no real face: the source comes from the embedded detector.
+    embedded = FacePipeline.from_store(model_store, threads=1)
+    source = embedded.prepare_source(hanks_bgr).face
+    embedded.close()
+    calls = []
+    detect_batch = faces.face_detector.detect_batch
+
+    def counted(frames: Sequence[np.ndarray], *, max_side: int = 640) -> list[list[Detection]]:
+        calls.append(len(frames))
+        return detect_batch(frames, max_side=max_side)
+
+    faces.face_detector.detect_batch = counted  # type: ignore[method-assign]
+    engine = FrameEngine(faces=faces)
     try:
-        assert isinstance(realtime.tracker, TrackerProcess)
-        assert realtime.tracker.detector == "scrfd"  # the child loaded it, or start raised
-        output = realtime.process(astronaut_bgr, timestamp=0.0)
-        assert output is not None and output.stats.error is None
+        for background in (False, True):
+            session = engine.open_session(quality="fast", detect_in_background=background)
+            session.source = source
+            for index in range(3):
+                output = session.process(astronaut_bgr, timestamp=index / 30)
+                assert output is not None and output.stats.error is None
+            session.close()
+        # SCRFD ran on the engine's frames, in the foreground and in the background.
+        assert len(calls) >= 2
     finally:
-        realtime.close()
+        engine.close()
+        faces.close()
 
 
 def test_the_service_prepares_uploaded_faces_for_inswapper_when_configured(

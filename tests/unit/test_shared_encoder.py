@@ -15,7 +15,7 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from livefuse.stream.clip import render_clip
-from livefuse.stream.realtime import FrameStats
+from livefuse.stream.frames import FrameStats
 from livefuse.stream.shared_encode import (
     KEYFRAME_INTERVAL_S,
     MIN_KEYFRAME_SPACING_S,

@@ -1,10 +1,9 @@
-"""The real-time pipeline on real models: tracking, the scheduler, the tracker process."""
+"""Face tracking on real models (the engine's stage A, one tracker alone), the test
+clips, and the bench's clip loader. The engine itself: tests/unit/test_engine.py."""
 
 from __future__ import annotations
 
 import itertools
-import threading
-import time
 from pathlib import Path
 
 import av
@@ -15,9 +14,6 @@ from livefuse.engines.pipeline import FacePipeline
 from livefuse.engines.store import ModelStore
 from livefuse.settings import Settings
 from livefuse.stream.clip import render_clip, write_clip
-from livefuse.stream.realtime import ProcessedFrame, RealtimePipeline
-from livefuse.stream.scheduler import ThreadedScheduler
-from livefuse.stream.tracker_process import TrackerProcess
 from livefuse.stream.tracking import FaceTracker
 
 CANVAS = (360, 640)  # height, width
@@ -63,7 +59,7 @@ def scene(*heads: tuple[np.ndarray, int]) -> np.ndarray:
     return frame
 
 
-def track_ids(tracker: FaceTracker | TrackerProcess) -> list[int]:
+def track_ids(tracker: FaceTracker) -> list[int]:
     return sorted(track.id for track in tracker.tracks)
 
 
@@ -179,111 +175,6 @@ def test_a_shorter_refit_interval_does_not_crowd_one_frame(
     assert sum(fits) == 3 * len(fits), fits
 
 
-def test_the_tracker_process_matches_the_tracker_and_survives_its_child_dying(
-    faces: FacePipeline, astronaut_head: np.ndarray, settings: Settings
-) -> None:
-    local = FaceTracker(detector=faces.detector, landmarker=faces.landmarker)
-    remote = TrackerProcess(models_dir=settings.models_dir, detect_in_background=False)
-    try:
-        for index in range(8):
-            frame = scene((astronaut_head, 100 + 5 * index))
-            options = {"detect_size": 480, "detect_interval": 4}
-            local_counts = local.update(frame, index / FPS, **options)
-            remote_counts = remote.update(frame, index / FPS, **options)
-            assert remote_counts == local_counts
-            assert track_ids(remote) == track_ids(local)
-            for mine, theirs in zip(remote.tracks, local.tracks, strict=True):
-                np.testing.assert_allclose(mine.smoothed, theirs.smoothed, atol=1e-3)
-                np.testing.assert_allclose(mine.raw.points, theirs.raw.points, atol=1e-3)
-
-        remote.child.process.kill()  # the child dies mid-stream
-        remote.child.process.join()
-        with pytest.raises(RuntimeError, match="tracker process failed"):
-            remote.update(scene((astronaut_head, 140)), 8 / FPS, detect_size=480, detect_interval=4)
-        # The next frame starts a new child, which finds the face again.
-        remote.update(scene((astronaut_head, 140)), 9 / FPS, detect_size=480, detect_interval=4)
-        assert len(remote.tracks) == 1
-    finally:
-        remote.close()
-    remote.close()  # twice is fine
-
-
-def run_scheduler(
-    pipeline: RealtimePipeline, frames: list[np.ndarray], *, block: bool, paced: bool = False
-) -> tuple[list[ProcessedFrame], ThreadedScheduler]:
-    outputs: list[ProcessedFrame] = []
-    done = threading.Condition()
-
-    def keep(output: ProcessedFrame) -> None:
-        with done:
-            outputs.append(output)
-            done.notify_all()
-
-    scheduler = ThreadedScheduler(pipeline, on_output=keep, name="test")
-    for index, frame in enumerate(frames):
-        if paced:
-            time.sleep(1 / FPS)
-        scheduler.submit(frame, timestamp=index / FPS, tag=index, block=block)
-    with done:
-        done.wait_for(lambda: len(outputs) + scheduler.dropped >= len(frames), timeout=30)
-    scheduler.close()
-    return outputs, scheduler
-
-
-def test_the_scheduler_keeps_the_latest_frame_and_loses_none_silently(
-    faces: FacePipeline, astronaut_head: np.ndarray, hanks_bgr: np.ndarray
-) -> None:
-    pipeline = RealtimePipeline(faces=faces, quality="high")
-    pipeline.source = faces.prepare_source(hanks_bgr).face
-    frames = [scene((astronaut_head, 100 + 3 * i)) for i in range(24)]
-
-    outputs, scheduler = run_scheduler(pipeline, frames, block=False)
-
-    assert scheduler.dropped > 0  # handed in far faster than a frame takes
-    assert len(outputs) + scheduler.dropped == len(frames)
-    tags = [output.tag for output in outputs]
-    assert tags == sorted(tags) and tags[-1] == len(frames) - 1  # the newest always gets out
-    assert all(output.stats.swapped == 1 for output in outputs[1:])
-    swapped = outputs[-1]
-    assert not np.array_equal(swapped.image, frames[swapped.tag])  # type: ignore[index]
-
-
-def test_a_stage_that_raises_passes_the_frame_through_and_counts_it(
-    faces: FacePipeline, astronaut_head: np.ndarray
-) -> None:
-    pipeline = RealtimePipeline(faces=faces, quality="fast")
-    pipeline.source = "not a prepared face"  # type: ignore[assignment]  # swap will raise
-    frames = [scene((astronaut_head, 100 + i)) for i in range(4)]
-
-    outputs, _ = run_scheduler(pipeline, frames, block=True)
-
-    assert len(outputs) == 4
-    for output in outputs:
-        assert np.array_equal(output.image, frames[output.tag])  # type: ignore[index]
-        assert output.stats.error is not None and output.stats.error.startswith("swap:")
-    assert pipeline.errors["swap"] == 4
-
-
-def test_the_pipeline_swaps_through_the_tracker_process(
-    faces: FacePipeline, astronaut_head: np.ndarray, hanks_bgr: np.ndarray
-) -> None:
-    pipeline = RealtimePipeline(faces=faces, quality="balanced", track_in_child=True)
-    try:
-        pipeline.source = faces.prepare_source(hanks_bgr).face
-        frames = [scene((astronaut_head, 100 + i)) for i in range(40)]
-        outputs, _ = run_scheduler(pipeline, frames, block=True, paced=True)
-    finally:
-        pipeline.close()
-    assert [output.tag for output in outputs] == list(range(40))
-    swapped = [output.stats.swapped for output in outputs]
-    # The child detects in the background: the face is picked up once its first
-    # detection (the slowest, a fresh runtime's) is in, and kept from then on.
-    first = swapped.index(1)
-    assert first < 10 and swapped[first:] == [1] * (40 - first), swapped
-    assert all(output.stats.error is None for output in outputs)
-    assert all(output.stats.quality == "balanced" for output in outputs)
-
-
 def test_clip_maker_writes_mp4_and_y4m_that_decode_to_the_asked_size(
     tmp_path: Path, astronaut_head: np.ndarray
 ) -> None:
@@ -311,34 +202,6 @@ def test_a_static_clip_only_has_noise_and_a_moving_one_moves(astronaut_head: np.
     assert all(np.array_equal(a, b) for a, b in zip(moving, again, strict=True))
 
 
-def test_half_the_faces_swapped_in_the_helper_process_give_the_same_frame(
-    faces: FacePipeline, astronaut_head: np.ndarray, second_head: np.ndarray, hanks_bgr: np.ndarray
-) -> None:
-    frames = [scene((astronaut_head, 40 + i), (second_head, 400 - i)) for i in range(4)]
-    source = faces.prepare_source(hanks_bgr).face
-    outputs = {}
-    for helper in (False, True):
-        pipeline = RealtimePipeline(faces=faces, quality="high", swap_in_child=helper)
-        try:
-            pipeline.source = source
-            outputs[helper] = [pipeline.process(f, timestamp=i / FPS) for i, f in enumerate(frames)]
-            if helper:
-                assert pipeline.swap_helper is not None
-                pipeline.swap_helper.child.process.kill()  # dies: that frame passes through
-                broken = pipeline.process(frames[0], timestamp=1.0)
-                assert broken is not None and broken.stats.error is not None
-                assert np.array_equal(broken.image, frames[0])
-                again = pipeline.process(frames[1], timestamp=1.1)  # a new child takes over
-                assert again is not None and again.stats.error is None and again.stats.swapped == 2
-        finally:
-            pipeline.close()
-    for alone, shared in zip(outputs[False], outputs[True], strict=True):
-        assert alone is not None and shared is not None
-        assert alone.stats.swapped == shared.stats.swapped == 2
-        assert "swap_wait" in shared.stats.stages_ms  # the faces really were split
-        assert np.array_equal(alone.image, shared.image)
-
-
 def test_a_clip_too_long_for_memory_is_cut_and_says_so(
     tmp_path: Path, astronaut_head: np.ndarray
 ) -> None:
@@ -351,3 +214,17 @@ def test_a_clip_too_long_for_memory_is_cut_and_says_so(
     cut = load_clip(path, max_bytes=5 * frame_bytes)
     assert len(cut.frames) == 5 and cut.truncated
     assert all(np.array_equal(a, b) for a, b in zip(cut.frames, whole.frames[:5], strict=True))
+
+
+def test_a_tracker_detecting_in_the_background_takes_faces_up_a_frame_later(
+    faces: FacePipeline, astronaut_head: np.ndarray
+) -> None:
+    tracker = FaceTracker(
+        detector=faces.face_detector, landmarker=faces.landmarker, detect_in_background=True
+    )
+    options = {"detect_size": 480, "detect_interval": 5}
+    first = tracker.update(scene((astronaut_head, 100)), 0.0, **options)
+    # The detection was asked for, not waited on: nothing is tracked on its frame.
+    assert first.detected and tracker.tracks == []
+    tracker.update(scene((astronaut_head, 102)), 1 / FPS, **options)
+    assert len(tracker.tracks) == 1
