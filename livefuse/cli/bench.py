@@ -101,6 +101,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             streams.append(stream)
         for stream in streams:
             stream.warm_up(clip, _WARMUP_FRAMES)
+        engine.restart_quality()
 
         mode = "unpaced" if args.unpaced else "paced"
         count = f", {args.streams} streams" if args.streams > 1 else ""

@@ -88,6 +88,8 @@ DEFAULT_BATCH_LIMIT = 16
 # How long stage A waits for more sessions' frames once one is in, when it is idle: short
 # against a frame's budget (33 ms), so an idle engine adds no latency to speak of.
 DEFAULT_BATCH_DEADLINE_S = 0.002
+# An engine with no frame for this long starts the shared `auto` level afresh.
+_IDLE_RESTART_S = 5.0
 # Batches whose swaps may be under way at once (see FrameEngine._swapping).
 _SWAPS_IN_FLIGHT = 2
 # How long `process` waits for its frame to come back before giving up.
@@ -565,7 +567,13 @@ class FrameEngine:
 
     # -- stage A: to arrays, detection and landmarks, batched ---------------------------
 
+    def restart_quality(self) -> None:
+        """The shared `auto` level back to where a new stream starts (after a warm-up,
+        whose first slow frames say nothing of the streams to come)."""
+        self.governor.restart()
+
     def _run_track(self) -> None:
+        last_batch = time.perf_counter()
         while True:
             # Double buffering: take new frames only once stage B has the last batch, so
             # a frame never waits tracked behind a whole batch (newer ones replace it).
@@ -574,6 +582,11 @@ class FrameEngine:
             if batch is None:
                 return
             started = time.perf_counter()
+            if started - last_batch > _IDLE_RESTART_S:
+                # The load the level was set for is long gone: start afresh, as a new
+                # stream on an idle engine should.
+                self.restart_quality()
+            last_batch = started
             self._track_batch(batch)
             tracked = time.perf_counter()
             self.metrics.batch("track", len(batch), tracked - started)

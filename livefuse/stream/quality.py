@@ -128,6 +128,12 @@ class QualityController:
         self._recent.clear()
         self._quiet_frames = 0
 
+    def restart(self) -> None:
+        """Forget the history, as a new stream would start: `auto` goes back to its
+        starting level (after a warm-up, or once the frames it judged are long gone)."""
+        self._started = False
+        self.set_mode(self.mode)
+
     def record(self, frame_ms: float, *, dropped: int = 0) -> None:
         """Feed one frame's processing time and how many inputs were dropped meanwhile."""
         self._started = True

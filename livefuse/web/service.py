@@ -142,6 +142,7 @@ class Service:
             warm_up.close()
         pipeline.find_faces(frame)
         engine.wait_ready()
+        engine.restart_quality()
         return pipeline, engine
 
     async def stop(self) -> None:

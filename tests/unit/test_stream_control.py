@@ -98,3 +98,15 @@ def test_one_euro_snaps_to_a_jump_instead_of_gliding() -> None:
     # And it smooths again from there.
     wobble = jumped + np.array([1.0, 0, 0], dtype=np.float32)
     assert float(filter_(wobble, 11 / FPS, FACE_SIZE)[0, 0]) < float(wobble[0, 0])
+
+
+def test_controller_restarts_at_the_starting_level_and_a_pinned_one_stays() -> None:
+    controller = QualityController(mode="auto", target_fps=FPS)
+    for _ in range(8):
+        controller.record(100.0)  # far over: all the way down
+    assert controller.level.name == "minimal"
+    controller.restart()
+    assert controller.level.name == "fast"
+    pinned = QualityController(mode="high", target_fps=FPS)
+    pinned.restart()
+    assert pinned.level.name == "high"
