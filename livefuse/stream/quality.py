@@ -94,13 +94,17 @@ class QualityController:
 
     Step down when 2 of the last 4 frames overran 90% of the budget (or one overran it by
     half again); step up when 90 frames in a row (3 s at 30 fps) took under 55% of it: each
-    climb that does not hold costs a few late frames, so climbing is the cautious move.
-    Pinned to a level, it only records.
+    climb that does not hold costs a few late frames, so climbing is the cautious move. A
+    climb that fails within that many frames doubles the quiet spell the next one needs
+    (up to 16 times, about 50 s): where the load only just fits one level, the controller
+    stops paying a dropped frame every few seconds to find out again. Holding a level for
+    long, or a restart, forgets that. Pinned to a level, it only records.
     """
 
     _DOWN_WINDOW, _DOWN_COUNT, _DOWN_SHARE = 4, 2, 0.9
     _SEVERE_SHARE = 1.5
     _UP_FRAMES, _UP_SHARE = 90, 0.55
+    _MAX_BACKOFF = 16
 
     def __init__(self, *, mode: QualityMode = "auto", target_fps: float = 30.0) -> None:
         self.budget_ms = 1000.0 / target_fps
@@ -108,6 +112,10 @@ class QualityController:
         self._quiet_frames = 0
         self._index = 0
         self._started = False
+        self._backoff = 1
+        """The quiet spell a climb needs, in multiples of `_UP_FRAMES`."""
+        self._since_climb: int | None = None
+        """Frames since the last climb, while it may still fail."""
         self.mode: QualityMode = "auto"
         self.set_mode(mode)
 
@@ -127,6 +135,8 @@ class QualityController:
             self._index = LADDER.index(LEVELS_BY_NAME[_AUTO_START])
         self._recent.clear()
         self._quiet_frames = 0
+        self._backoff = 1
+        self._since_climb = None
 
     def restart(self) -> None:
         """Forget the history, as a new stream would start: `auto` goes back to its
@@ -140,9 +150,17 @@ class QualityController:
         if self.mode != "auto":
             return
         self._recent.append(frame_ms)
+        if self._since_climb is not None:
+            self._since_climb += 1
+            if self._since_climb > self._UP_FRAMES:
+                self._since_climb = None  # the climb held
+                self._backoff = 1
         over = sum(1 for t in self._recent if t > self.budget_ms * self._DOWN_SHARE)
         severe = frame_ms > self.budget_ms * self._SEVERE_SHARE
         if (over >= self._DOWN_COUNT or severe or dropped) and self._index < len(LADDER) - 1:
+            if self._since_climb is not None:  # the last climb did not hold
+                self._backoff = min(self._backoff * 2, self._MAX_BACKOFF)
+                self._since_climb = None
             self._index += 1
             self._recent.clear()
             self._quiet_frames = 0
@@ -151,7 +169,8 @@ class QualityController:
             self._quiet_frames += 1
         else:
             self._quiet_frames = 0
-        if self._quiet_frames >= self._UP_FRAMES and self._index > 0:
+        if self._quiet_frames >= self._UP_FRAMES * self._backoff and self._index > 0:
             self._index -= 1
             self._recent.clear()
             self._quiet_frames = 0
+            self._since_climb = 0

@@ -110,3 +110,27 @@ def test_controller_restarts_at_the_starting_level_and_a_pinned_one_stays() -> N
     pinned = QualityController(mode="high", target_fps=FPS)
     pinned.restart()
     assert pinned.level.name == "high"
+
+
+def test_a_climb_that_fails_makes_the_next_one_wait_longer() -> None:
+    controller = QualityController(mode="auto", target_fps=FPS)  # starts at fast
+
+    def quiet_frames_to_climb() -> int:
+        level = controller.level.name
+        for count in range(1, 2000):
+            controller.record(5.0)
+            if controller.level.name != level:
+                return count
+        raise AssertionError("never climbed")
+
+    assert quiet_frames_to_climb() == 90  # fast -> balanced
+    controller.record(100.0)  # the climb fails at once: back to fast
+    assert controller.level.name == "fast"
+    assert quiet_frames_to_climb() == 180  # twice the wait
+    controller.record(100.0)
+    assert quiet_frames_to_climb() == 360
+    # This time the climb holds: the next one needs the usual wait again.
+    for _ in range(91):
+        controller.record(20.0)  # neither quiet nor over
+    assert controller.level.name == "balanced"
+    assert quiet_frames_to_climb() == 90
