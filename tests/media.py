@@ -6,6 +6,8 @@
   about 240 px, like a webcam.
 - `portrait`: a square crop twice a face's size around it (how bench/identity_eval
   crops its people), for a source photo with one clear face.
+- `heads_on_grey`: head crops pasted side by side on a grey frame, for tracking and engine
+  tests that move people about.
 """
 
 from __future__ import annotations
@@ -35,3 +37,17 @@ def portrait(
     x0, y0 = round(cx - side / 2) + pad, round(cy - side / 2) + pad
     crop = padded[y0 : y0 + round(side), x0 : x0 + round(side)]
     return cv2.resize(crop, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def heads_on_grey(
+    size: tuple[int, int], top: int, heads: tuple[tuple[np.ndarray, int], ...]
+) -> np.ndarray:
+    """A grey frame of `size` (height, width) with each (head, x) pasted with its left edge
+    at x and its top at `top`; parts beyond the frame's sides are cut off."""
+    frame = np.full((*size, 3), 110, dtype=np.uint8)
+    for head, x in heads:
+        h, w = head.shape[:2]
+        left, right = max(0, x), min(size[1], x + w)
+        if right > left:
+            frame[top : top + h, left:right] = head[:, left - x : right - x]
+    return frame

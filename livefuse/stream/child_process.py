@@ -1,16 +1,16 @@
-"""A worker process for one stage of the real-time pipeline: requests over a pipe, frames
-in shared memory.
+"""A worker process of the CPU scheduler (stream/swap_pool.py): requests over a pipe,
+frames in shared memory.
 
-Much of the tracking and the swap runs in Python with the GIL held, so threads of one
-process mostly take turns; a spawned child has an interpreter (and a core) of its own.
-`ChildProcess` is the parent's side: it starts the child without waiting for it (two
-children of one session load their models side by side), waits for it on first use,
-sends one request at a time and turns every failure (the child died, hung, or raised)
-into a `RuntimeError` after which the next request starts a fresh child. The frame
-travels in a `SharedMemory` block the parent owns; `serve` is the child's side.
+Much of the swap runs in Python with the GIL held, so threads of one process mostly take
+turns; a spawned child has an interpreter (and a core) of its own. `ChildProcess` is the
+parent's side: it starts the child without waiting for it (children load their models
+side by side), says when it is ready, sends requests and turns every failure (the child
+died, hung, or raised) into a `RuntimeError`, after which a fresh child can be started.
+The frames travel in `SharedMemory` blocks the parent owns (`SharedFrames` is the child's
+view of them); `serve` is the child's side.
 
-Spawned, not forked: the parent runs threads (aiortc, the scheduler) that a fork would
-copy mid-flight. Spawn re-imports the main module, so a script that builds a pipeline
+Spawned, not forked: the parent runs threads (aiortc, the engine's workers) that a fork
+would copy mid-flight. Spawn re-imports the main module, so a script that builds a pipeline
 with children needs the usual `if __name__ == "__main__":` guard.
 """
 
@@ -44,7 +44,6 @@ class ChildProcess:
         self.process: Any = None
         self._conn: Connection | None = None
         self._ready = False
-        self._memory: SharedMemory | None = None
         self.launch()
 
     @property
@@ -115,16 +114,6 @@ class ChildProcess:
         self.send(message)
         return self.receive()
 
-    def frame_buffer(self, shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
-        """A uint8 array of `shape` in shared memory (reused while big enough), and the
-        block's name for the child. Drop the array before the buffer can be replaced."""
-        size = int(np.prod(shape))
-        if self._memory is None or self._memory.size < size:
-            self._free_memory()
-            self._memory = SharedMemory(create=True, size=size)
-        array = np.ndarray(shape, dtype=np.uint8, buffer=self._memory.buf)
-        return array, self._memory.name
-
     def stop(self) -> None:
         conn, process = self._conn, self.process
         self._conn = self.process = None
@@ -138,20 +127,13 @@ class ChildProcess:
                 process.join(timeout=2)
 
     def close(self) -> None:
-        """Stop the child and free the shared memory. Safe to call twice."""
+        """Stop the child. Safe to call twice."""
         if self._conn is not None:
             try:
                 self._conn.send(("close",))
             except (OSError, ValueError):
                 pass
         self.stop()
-        self._free_memory()
-
-    def _free_memory(self) -> None:
-        if self._memory is not None:
-            self._memory.close()
-            self._memory.unlink()
-            self._memory = None
 
 
 class SharedFrames:

@@ -1,18 +1,22 @@
 """The frame engine: one per process, shared by every stream (DESIGN.md, "The frame path").
 
 Every session (a WHIP publisher, an ingest, a bench stream, an offline video) opens an
-`EngineSession` on the one `FrameEngine` and submits its frames there. Two stage workers
-serve all sessions together:
+`EngineSession` on the one `FrameEngine` and submits its frames there. The engine's
+workers serve all sessions together:
 
-- stage A (`track`): each frame to an array, then the faces of every session's frame
-  followed at once: the trackers' requests are gathered and each model runs one batched
-  forward pass over all of them (the detector over the frames due for detection, the
-  landmark model over every face of every frame), round after round until every tracker
-  is done;
-- stage B (`swap`): every chosen face of every frame swapped and blended, then each frame
-  handed back to its own session.
+- stage A (`track` thread): each frame to an array, then the faces of every session's
+  frame followed at once: the trackers' requests are gathered and each model runs one
+  batched forward pass over all of them (the landmark model over every face of every
+  frame; the detector over the frames due for detection, which for live sessions runs on
+  the `detect` thread instead, so no frame waits for it), round after round until every
+  tracker is done;
+- stage B: every chosen face of every frame swapped and blended. The `swap` thread
+  starts a batch's swaps (on the CPU, mostly by sending them to the swap processes of
+  stream/swap_pool.py); the `finish` thread waits for them and hands each frame back to
+  its own session.
 
-Stage A of batch k+1 overlaps stage B of batch k (double buffering). Each session has a
+Stage A of batch k+1 overlaps stage B of batch k (double buffering), and the swap
+processes may start batch k+1 while batch k is being finished. Each session has a
 single latest-frame slot: a frame submitted while the previous one still waits replaces
 it (counted as dropped), so queues never grow. Stage A takes at most one frame per
 session per batch, in turn (round-robin from where the last batch stopped), so a session
@@ -793,7 +797,7 @@ class FrameEngine:
             job.swapped_ids = {face.track_id for face in chosen}
             units.extend(swap_units(job, chosen))
         here = [unit for unit in units if not self._portable(unit)]
-        pending = PoolSwaps([], {})
+        pending = PoolSwaps([])
         portable = [unit for unit in units if self._portable(unit)]
         if self.swap_pool is not None and portable:
             pending, leftover = self.swap_pool.start(portable, _swap_options)

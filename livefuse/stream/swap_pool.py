@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 # size, the colour sample and the remap's interpolation a pixel or two more.
 SWAP_REACH = 0.35
 _REACH_PIXELS = 4
+# A batch's swaps take milliseconds; a child this late is stuck, and every session waits
+# on it: give up on it (its faces go out unswapped) and start another.
+_ANSWER_TIMEOUT_S = 2.0
 # Requests a child may have in flight: one being swapped, one being copied back.
 _SLOTS_PER_CHILD = 2
 # The smallest shared block made (four 720p frames); a block is only address space until
@@ -307,7 +310,7 @@ class _SwapChild:
                 if child is None or request.generation != self.generation:
                     raise RuntimeError(f"swap process {self.index} was restarted")
             # Not under the lock: the dispatching thread may send meanwhile.
-            errors: list[str | None] = child.receive()
+            errors: list[str | None] = child.receive(timeout=_ANSWER_TIMEOUT_S)
             memory = request.slot.array(request.layout.size)
             for unit, error in zip(request.units, errors, strict=True):
                 if error is None:
@@ -416,13 +419,12 @@ def _child_main(conn: Connection, models_dir: str) -> None:
 class PoolSwaps:
     """A batch's units in the swap processes; `wait` collects them."""
 
-    def __init__(self, requests: list[_Request], failed: dict[SwapUnit, str]) -> None:
+    def __init__(self, requests: list[_Request]) -> None:
         self._requests = requests
-        self._failed = failed
 
     def wait(self) -> dict[SwapUnit, str]:
         """Wait for every child's answer; the units that failed, with why."""
-        failed = dict(self._failed)
+        failed: dict[SwapUnit, str] = {}
         for request in self._requests:
             try:
                 errors = request.child.receive(request)
@@ -476,7 +478,7 @@ class SwapPool:
         swaps and the units no child could take (none ready), for the caller to swap."""
         ready = [child for child in self._children if child.available()]
         if not ready:
-            return PoolSwaps([], {}), units
+            return PoolSwaps([]), units
         requests: list[_Request] = []
         leftover: list[SwapUnit] = []
         positions = {child.index: position for position, child in enumerate(ready)}
@@ -492,7 +494,7 @@ class SwapPool:
             except RuntimeError as error:
                 child.fail(error)
                 leftover.extend(share)
-        return PoolSwaps(requests, {}), leftover
+        return PoolSwaps(requests), leftover
 
     def close(self) -> None:
         for child in self._children:

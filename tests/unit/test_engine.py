@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from livefuse.stream.engine import EngineSession, FrameEngine, _batched
 from livefuse.stream.frames import FrameJob, ProcessedFrame
 from livefuse.stream.smoothing import OneEuroParams
 from livefuse.stream.tracking import FaceTracker
+from tests.media import heads_on_grey
 
 CANVAS = (240, 320)  # height, width: small, so the engine keeps up on a busy machine
 FPS = 30.0
@@ -63,13 +64,7 @@ def source(faces: FacePipeline, testdata_dir: Path) -> SourceFace:
 
 def scene(*heads: tuple[np.ndarray, int]) -> np.ndarray:
     """A grey frame with each head pasted at x (its left edge), 60 px from the top."""
-    frame = np.full((*CANVAS, 3), 110, dtype=np.uint8)
-    for head, x in heads:
-        h, w = head.shape[:2]
-        left, right = max(0, x), min(CANVAS[1], x + w)
-        if right > left:
-            frame[60 : 60 + h, left:right] = head[:, left - x : right - x]
-    return frame
+    return heads_on_grey(CANVAS, 60, heads)
 
 
 class Collector:
@@ -122,6 +117,24 @@ def feed(session: EngineSession, frames: list[np.ndarray], *, fps: float | None)
         session.submit(frame, timestamp=index / FPS, tag=index, block=fps is None)
 
 
+def feed_together(
+    feeds: list[tuple[EngineSession, list[np.ndarray], float | None]],
+    *,
+    meanwhile: Callable[[], None] = lambda: None,
+) -> None:
+    """Each (session, frames, fps) fed from a thread of its own, all at once, as
+    independent cameras would; `meanwhile` runs while they feed."""
+    feeders = [
+        threading.Thread(target=feed, args=(session, frames), kwargs={"fps": fps})
+        for session, frames, fps in feeds
+    ]
+    for thread in feeders:
+        thread.start()
+    meanwhile()
+    for thread in feeders:
+        thread.join()
+
+
 def test_each_session_gets_its_own_frames_back_in_order_swapped(
     faces: FacePipeline, source: SourceFace, astronaut_head: np.ndarray, second_head: np.ndarray
 ) -> None:
@@ -132,14 +145,9 @@ def test_each_session_gets_its_own_frames_back_in_order_swapped(
             [scene((head, 40 + 3 * i + 20 * n)) for i in range(20)] for n, head in enumerate(heads)
         ]
         sessions = [open_session(engine, source, quality="fast") for _ in clips]
-        feeders = [
-            threading.Thread(target=feed, args=(session, clip), kwargs={"fps": None})
-            for (session, _), clip in zip(sessions, clips, strict=True)
-        ]
-        for thread in feeders:
-            thread.start()
-        for thread in feeders:
-            thread.join()
+        feed_together(
+            [(session, clip, None) for (session, _), clip in zip(sessions, clips, strict=True)]
+        )
         for (session, collector), clip in zip(sessions, clips, strict=True):
             collector.wait_for(len(clip))
             outputs = collector.outputs
@@ -168,14 +176,7 @@ def test_a_fast_session_does_not_starve_a_slow_one(
         seconds = 3.0
         fast_frames = [scene((astronaut_head, 60 + i % 40)) for i in range(int(60 * seconds))]
         slow_frames = [scene((second_head, 100 - i % 40)) for i in range(int(30 * seconds))]
-        feeders = [
-            threading.Thread(target=feed, args=(fast, fast_frames), kwargs={"fps": 60.0}),
-            threading.Thread(target=feed, args=(slow, slow_frames), kwargs={"fps": 30.0}),
-        ]
-        for thread in feeders:
-            thread.start()
-        for thread in feeders:
-            thread.join()
+        feed_together([(fast, fast_frames, 60.0), (slow, slow_frames, 30.0)])
         time.sleep(0.5)
         # The fast one is fed faster than a frame cycle: it loses frames to its own newer
         # ones; the slow one, served every cycle, keeps nearly all of its own.
@@ -203,15 +204,12 @@ def test_a_failing_session_passes_its_frames_through_while_the_others_swap(
         )
         frames = [scene((astronaut_head, 50 + 2 * i), (second_head, 190)) for i in range(12)]
         unreadable = np.zeros((*CANVAS, 3), dtype=np.float32)  # not 8-bit pixels
-        feeders = [
-            threading.Thread(target=feed, args=(session, frames), kwargs={"fps": None})
-            for session in (healthy, bad_swap, bad_track)
-        ]
-        for thread in feeders:
-            thread.start()
-        bad_track.submit(unreadable, timestamp=99.0, tag="unreadable", block=True)
-        for thread in feeders:
-            thread.join()
+        feed_together(
+            [(session, frames, None) for session in (healthy, bad_swap, bad_track)],
+            meanwhile=lambda: bad_track.submit(
+                unreadable, timestamp=99.0, tag="unreadable", block=True
+            ),
+        )
         for collector in (healthy_out, bad_swap_out, bad_track_out):
             collector.wait_for(len(frames))
 
@@ -251,14 +249,7 @@ def test_batched_tracking_matches_one_tracker_alone(
     engine = FrameEngine(faces=faces)
     try:
         sessions = [open_session(engine, source, quality="fast") for _ in range(3)]
-        feeders = [
-            threading.Thread(target=feed, args=(session, frames), kwargs={"fps": None})
-            for session, _ in sessions
-        ]
-        for thread in feeders:
-            thread.start()
-        for thread in feeders:
-            thread.join()
+        feed_together([(session, frames, None) for session, _ in sessions])
         for _, collector in sessions:
             collector.wait_for(len(frames))
             for output, tracks in zip(collector.outputs, expected, strict=True):

@@ -15,6 +15,7 @@ from livefuse.engines.store import ModelStore
 from livefuse.settings import Settings
 from livefuse.stream.clip import render_clip, write_clip
 from livefuse.stream.tracking import FaceTracker
+from tests.media import heads_on_grey
 
 CANVAS = (360, 640)  # height, width
 FPS = 30.0
@@ -50,13 +51,7 @@ def group_bgr_module(testdata_dir: Path) -> np.ndarray:
 
 def scene(*heads: tuple[np.ndarray, int]) -> np.ndarray:
     """A grey 640x360 frame with each head pasted at x (left edge), 80 px from the top."""
-    frame = np.full((*CANVAS, 3), 110, dtype=np.uint8)
-    for head, x in heads:
-        h, w = head.shape[:2]
-        left, right = max(0, x), min(CANVAS[1], x + w)
-        if right > left:
-            frame[80 : 80 + h, left:right] = head[:, left - x : right - x]
-    return frame
+    return heads_on_grey(CANVAS, 80, heads)
 
 
 def track_ids(tracker: FaceTracker) -> list[int]:
