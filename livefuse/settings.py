@@ -18,11 +18,31 @@ def _default_home() -> Path:
     return Path.home() / ".cache" / "livefuse"
 
 
+def _cpu_quota_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+    """The cores a cgroup v2 CPU limit allows (a container's `--cpus`, a Kubernetes
+    limit), or None without one. The affinity mask still shows every core of the host."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
 def _default_threads() -> int:
     # The CPUs this process may run on (a container's or CI's cpuset), not the host's count.
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
+
+
+# Each swap process loads its own copy of the models and holds two shared-memory blocks;
+# past this many, the engine's single tracking stage sets the pace anyway.
+_MAX_DEFAULT_SWAP_PROCESSES = 8
 
 
 class Settings(BaseSettings):
@@ -81,8 +101,9 @@ class Settings(BaseSettings):
     swap_processes: int | None = Field(default=None, ge=0)
     """Child processes that take part of each batch's face swaps on the CPU (the frame
     engine's CPU scheduler, stream/swap_pool.py): threads of one process mostly wait for
-    each other's GIL there. None: one per core on a machine with two or more, none on one
-    core. 0 swaps every face in the engine's own thread."""
+    each other's GIL there. None: one per core the process may use (its affinity and any
+    cgroup CPU limit), at most 8, none below two cores. 0 swaps every face in the engine's
+    own thread. Each uses up to about 24 MB of shared memory (/dev/shm) at 720p."""
 
     ice_servers: list[str] = Field(default_factory=list)
     """STUN/TURN URLs for the server's peer connections (JSON list in the environment).
@@ -97,8 +118,13 @@ class Settings(BaseSettings):
     def resolved_swap_processes(self) -> int:
         if self.swap_processes is not None:
             return self.swap_processes
-        cores = _default_threads()
-        return cores if cores >= 2 else 0
+        cores = float(_default_threads())
+        quota = _cpu_quota_cores()
+        if quota is not None:
+            cores = min(cores, quota)
+        if cores < 2:
+            return 0
+        return min(int(cores), _MAX_DEFAULT_SWAP_PROCESSES)
 
     @property
     def models_dir(self) -> Path:

@@ -26,8 +26,6 @@ import numpy as np
 
 # Loading models in a fresh interpreter takes a second or two; allow for a busy machine.
 START_TIMEOUT_S = 60.0
-# One frame's work takes milliseconds; this long means the child is stuck.
-REQUEST_TIMEOUT_S = 10.0
 
 Handler = Callable[[tuple[Any, ...]], Any]
 
@@ -64,16 +62,14 @@ class ChildProcess:
         self.process, self._conn, self._ready = process, parent_end, False
         self.send(("ping",))
 
-    def ensure_started(self) -> bool:
-        """Wait for the child if it is starting; start a new one if the last one failed.
-        True when this call started a new child (its state is fresh)."""
-        fresh = self._conn is None
-        if fresh:
-            self.launch()
+    def ensure_started(self) -> None:
+        """Wait for the child to load its models and answer (RuntimeError if it could
+        not). A child that has been stopped is not started again here."""
+        if self._conn is None:
+            raise RuntimeError(f"{self.name} is not running")
         if not self._ready:
             self.receive(timeout=START_TIMEOUT_S)
             self._ready = True
-        return fresh
 
     def poll_ready(self) -> bool:
         """Whether the child has loaded its models and answered; never waits. Raises
@@ -94,8 +90,10 @@ class ChildProcess:
             self.stop()
             raise RuntimeError(f"{self.name} failed: {error}") from None
 
-    def receive(self, *, timeout: float = REQUEST_TIMEOUT_S) -> Any:
-        """The answer to the oldest request; RuntimeError if there is none to be had."""
+    def receive(self, *, timeout: float) -> Any:
+        """The answer to the oldest request within `timeout` seconds; RuntimeError if
+        there is none to be had (the child is then stopped: killed at once if it is
+        stuck, as a stuck child would only use up the grace a stopping one gets)."""
         if self._conn is None:
             raise RuntimeError(f"{self.name} is not running")
         try:
@@ -104,23 +102,22 @@ class ChildProcess:
             status, payload = self._conn.recv()
         except (OSError, EOFError, TimeoutError) as error:
             # Gone or stuck: drop it; the next request starts a new one.
-            self.stop()
+            self.stop(kill=isinstance(error, TimeoutError))
             raise RuntimeError(f"{self.name} failed: {error or type(error).__name__}") from None
         if status == "error":
             raise RuntimeError(f"{self.name}: {payload}")
         return payload
 
-    def ask(self, message: tuple[Any, ...]) -> Any:
-        self.send(message)
-        return self.receive()
-
-    def stop(self) -> None:
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop the child: it gets 2 s to exit on its own unless `kill`."""
         conn, process = self._conn, self.process
         self._conn = self.process = None
         self._ready = False
         if conn is not None:
             conn.close()
         if process is not None:
+            if kill:
+                process.kill()
             process.join(timeout=2)
             if process.is_alive():
                 process.kill()

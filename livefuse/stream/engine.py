@@ -27,9 +27,12 @@ unswapped with its error counted, and a session that fails or closes never stall
 others (a batched forward pass that raises is retried frame by frame, so only the
 frame that caused it passes through).
 
-Quality: the sessions on `auto` share one controller fed by the engine's batches (their
-latency from submit to output, and the frames dropped), so under overload they step down
-together and climb back together; a session pinned to a level keeps it.
+Quality: the sessions on `auto` share one controller, fed with their frames (each one's
+latency from submit to output, and the frames dropped before it), so under overload they
+step down together and climb back together; its windows are in time, so it judges 5
+streams as it judges one. A session pinned to a level keeps it (and does not feed it:
+its own slow frames are what its pin asked for, though the load it puts on the engine
+shows in everyone's latency).
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class EngineClosed(RuntimeError):
     """The engine (or the session) was closed; no more frames are taken."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Reply:
     """Where `EngineSession.process` waits for its one frame."""
 
@@ -190,13 +193,21 @@ class EngineSession:
         self, frame: FrameInput, *, timestamp: float, tag: object = None
     ) -> ProcessedFrame | None:
         """One frame through the engine and back, waiting for it (warm-ups, tests, a
-        caller that wants frames one at a time). None when nothing could be sent: the
-        frame's pixels could not be read. Waits behind a frame already submitted."""
+        caller that wants frames one at a time). None when nothing comes back: the
+        frame's pixels could not be read, or a newer frame took its place. Waits behind
+        a frame already submitted; EngineClosed if the session or the engine closes
+        meanwhile."""
         job = self._new_job(frame, timestamp=timestamp, tag=tag)
         job.reply = reply = _Reply()
-        self._enqueue(job, block=True)
-        if not reply.done.wait(_PROCESS_TIMEOUT_S):
-            raise TimeoutError(f"the engine did not return frame {job.index} in time")
+        self.engine._awaiting(reply, add=True)
+        try:
+            self._enqueue(job, block=True)
+            if not reply.done.wait(_PROCESS_TIMEOUT_S):
+                raise TimeoutError(f"the engine did not return frame {job.index} in time")
+        finally:
+            self.engine._awaiting(reply, add=False)
+        if reply.output is None and (self.closed or self.engine.closed):
+            raise EngineClosed(f"session {self.id} closed before its frame came back")
         return reply.output
 
     def _new_job(self, frame: FrameInput, *, timestamp: float, tag: object) -> FrameJob:
@@ -412,7 +423,7 @@ class FrameEngine:
         self.batch_limit = batch_limit
         self.batch_deadline_s = batch_deadline_s
         self.governor = QualityController(mode="auto", target_fps=target_fps)
-        """The level every `auto` session runs at, fed by the engine's batches."""
+        """The level every `auto` session runs at, fed by their frames."""
         self.metrics = EngineMetrics()
         self.swap_pool: SwapPool | None = None
         if swap_processes > 0:
@@ -423,6 +434,7 @@ class FrameEngine:
         self._changed = threading.Condition()
         self._next_turn = 0
         self._handoff = _BatchHandoff()
+        self._replies: set[_Reply] = set()
         self._detections: queue.Queue[tuple[DetectRequest, Future[list[Detection]]] | None] = (
             queue.Queue()
         )
@@ -504,21 +516,40 @@ class FrameEngine:
         if job is not None and job.reply is not None:
             job.reply.done.set()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        """Stop the workers; frames in flight are discarded. Safe to call twice."""
+        """Stop the workers and the swap processes; frames in flight are discarded and
+        whoever waits in `process` is woken. Safe to call twice."""
         with self._changed:
             self._closed = True
             sessions, self._sessions = self._sessions, []
+            replies, self._replies = self._replies, set()
             self._changed.notify_all()
         for session in sessions:
             session.closed = True
+        for reply in replies:
+            reply.done.set()
         self._handoff.close()
         self._detections.put(None)
+        if self.swap_pool is not None:
+            # First, so a worker waiting for a swap process's answer hears it end.
+            self.swap_pool.stop()
         for worker in self._workers:
             if worker is not threading.current_thread():
                 worker.join(timeout=5)
         if self.swap_pool is not None:
             self.swap_pool.close()
+
+    def _awaiting(self, reply: _Reply, *, add: bool) -> None:
+        """Keep track of the `process` callers waiting, for `close` to wake them."""
+        with self._changed:
+            if add and not self._closed:
+                self._replies.add(reply)
+            else:
+                self._replies.discard(reply)
 
     # -- the latest-frame slots ---------------------------------------------------------
 
@@ -591,7 +622,13 @@ class FrameEngine:
                 # stream on an idle engine should.
                 self.restart_quality()
             last_batch = started
-            self._track_batch(batch)
+            try:
+                self._track_batch(batch)
+            except Exception as error:  # a bug here must not stop every stream
+                log.exception("the engine's tracking stage failed on a batch")
+                for job in batch:
+                    if job.failure is None:
+                        job.failure = ("track", error)
             tracked = time.perf_counter()
             self.metrics.batch("track", len(batch), tracked - started)
             for job in batch:
@@ -609,12 +646,15 @@ class FrameEngine:
             except Exception as error:  # unreadable pixels: counted, the frame is dropped
                 job.failure = ("to_array", error)
                 continue
-            job.level = job.session.level
+            session = job.session
+            # The settings a user may change meanwhile, read once: this frame goes through
+            # with them whatever happens to the session's attributes on the way.
+            job.level = session.level
+            job.source, job.enabled = session.source, session.enabled
+            job.face_selection = session.face_selection
             job.stages_ms["to_array"] = ms_since(started)
         tracked = [
-            job
-            for job in batch
-            if job.failure is None and job.session.enabled and job.session.source is not None
+            job for job in batch if job.failure is None and job.enabled and job.source is not None
         ]
         if not tracked:
             return
@@ -719,11 +759,12 @@ class FrameEngine:
             for max_side, group in by_size.items():
                 try:
                     found = self._detect([request for request, _ in group], max_side)
+                    answered = list(zip(group, found, strict=True))
                 except Exception as error:  # each tracker fails one frame and asks again
                     for _, pending in group:
                         pending.set_exception(error)
                     continue
-                for (_, pending), detections in zip(group, found, strict=True):
+                for (_, pending), detections in answered:
                     pending.set_result(detections)
             self.metrics.batch("detect", len(waiting), time.perf_counter() - started)
 
@@ -746,38 +787,51 @@ class FrameEngine:
             started = time.perf_counter()
             for job in batch:
                 job.stages_ms["handoff"] = (started - job.tracked) * 1000.0
-            pending = self._start_swaps(batch)
+            try:
+                pending = self._start_swaps(batch)
+            except Exception as error:  # a bug here must not stop every stream
+                log.exception("the engine's swap stage failed on a batch")
+                pending = PoolSwaps([], {job: repr(error) for job in batch})
             self._swapping.put(_SwapsInFlight(batch, pending, started))
 
     def _run_finish(self) -> None:
         """Stage B's second half: wait for a batch's swaps, then hand each frame back to
-        its session, in order, and feed the shared quality controller."""
+        its session, in order, feeding the shared quality controller with the frames of
+        the sessions on `auto`. A frame any of whose faces failed goes out as it came in."""
         while True:
             in_flight = self._swapping.get()
             if in_flight is None:
                 return
             batch = in_flight.batch
-            for unit, why in in_flight.pending.wait().items():
-                _fail_swap(unit.job, why)
+            try:
+                failed = in_flight.pending.wait()
+            except Exception as error:  # a bug here must not stop every stream
+                log.exception("the engine's finishing stage failed on a batch")
+                failed = {job: repr(error) for job in batch}
+            for job, why in failed.items():
+                _fail_swap(job, why)
             elapsed = ms_since(in_flight.started)
-            worst_ms, dropped = 0.0, 0
             for job in batch:
-                session = job.session
-                output: ProcessedFrame | None
-                if job.failure is None:
-                    job.stages_ms["swap"] = elapsed
-                    output = session._finish(job)
-                else:
-                    stage, error = job.failure
-                    self.metrics.error(stage)
-                    output = session._passthrough(job, stage, error)
-                session._emit(job, output)
-                if output is not None:
-                    worst_ms = max(worst_ms, output.stats.latency_ms)
-                dropped += session._take_dropped()
+                self._hand_back(job, swap_ms=elapsed)
             self._swap_room.release()
-            self.governor.record(worst_ms, dropped=dropped)
             self.metrics.batch("swap", len(batch), elapsed / 1000.0)
+
+    def _hand_back(self, job: FrameJob, *, swap_ms: float) -> None:
+        session = job.session
+        output: ProcessedFrame | None
+        if job.failure is None:
+            job.stages_ms["swap"] = swap_ms
+            output = session._finish(job)
+        else:
+            stage, error = job.failure
+            self.metrics.error(stage)
+            output = session._passthrough(job, stage, error)
+        dropped = session._take_dropped()
+        # Before the frame is handed back: a caller of `process` who restarts the level
+        # next must not be undone by its own warm-up frame.
+        if session.quality == "auto" and output is not None:
+            self.governor.record(output.stats.latency_ms, dropped=dropped)
+        session._emit(job, output)
 
     def _start_swaps(self, batch: list[FrameJob]) -> PoolSwaps:
         """Start swapping the chosen faces of every frame of the batch, as units that
@@ -788,17 +842,16 @@ class FrameEngine:
         for job in batch:
             if job.failure is not None or job.level is None or job.image is None:
                 continue
-            session = job.session
-            chosen = chosen_faces(job.faces, job.level, session.face_selection)
-            if not session.enabled or session.source is None or not chosen:
+            chosen = chosen_faces(job.faces, job.level, job.face_selection)
+            if not job.enabled or job.source is None or not chosen:
                 continue
             job.original = job.image
             job.image = job.image.copy()
             job.swapped_ids = {face.track_id for face in chosen}
             units.extend(swap_units(job, chosen))
-        here = [unit for unit in units if not self._portable(unit)]
-        pending = PoolSwaps([])
         portable = [unit for unit in units if self._portable(unit)]
+        here = [unit for unit in units if not self._portable(unit)]
+        pending = PoolSwaps([], {})
         if self.swap_pool is not None and portable:
             pending, leftover = self.swap_pool.start(portable, _swap_options)
             here.extend(leftover)
@@ -807,8 +860,8 @@ class FrameEngine:
         for unit in here:
             try:
                 self._swap_unit(unit)
-            except Exception as error:  # the frame goes on unswapped; counted by stage
-                _fail_swap(unit.job, f"{type(error).__name__}: {error}")
+            except Exception as error:  # the frame goes out unswapped, once all is done
+                pending.fail(unit.job, f"{type(error).__name__}: {error}")
         return pending
 
     def _portable(self, unit: SwapUnit) -> bool:
@@ -817,12 +870,12 @@ class FrameEngine:
         return (
             faces.enhancer is None
             and faces.parser is None
-            and not isinstance(unit.job.session.source, IdentityFace)
+            and not isinstance(unit.job.source, IdentityFace)
         )
 
     def _swap_unit(self, unit: SwapUnit) -> None:
         job = unit.job
-        source, level = job.session.source, job.level
+        source, level = job.source, job.level
         assert job.image is not None and source is not None and level is not None
         for face in unit.faces:
             self.faces.swap_face_in_place(
@@ -847,7 +900,8 @@ class _SwapsInFlight:
 
 
 def _fail_swap(job: FrameJob, why: str) -> None:
-    """The frame goes out as it came in; the first failure is the one reported."""
+    """The frame goes out as it came in; the first failure is the one reported. Called
+    once every unit of the frame is done, so nothing draws on it after."""
     if job.failure is None:
         log.debug("session %s: swap failed on frame %d: %s", job.session.id, job.index, why)
         job.failure = ("swap", SwapFailed(why))

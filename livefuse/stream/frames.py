@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from livefuse.engines.pipeline import FaceSelection
+from livefuse.engines.swapper import SourceFace
 from livefuse.engines.types import FaceMesh
 from livefuse.stream.quality import QualityLevel
 
@@ -91,6 +92,11 @@ class FrameJob:
     """time.perf_counter() when the frame entered the engine."""
     session: EngineSession
     tag: object = None
+    source: SourceFace | None = None
+    """The session's source when stage A took the frame: the frame is swapped with it
+    even if the user changes the source meanwhile."""
+    enabled: bool = True
+    face_selection: FaceSelection = "all"
     image: np.ndarray | None = None
     """The frame's pixels (BGR), once stage A has them."""
     original: np.ndarray | None = None

@@ -132,7 +132,7 @@ class StreamSession:
         self._audio_relay = MediaRelay()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self.frames = engine.open_session(
+        self.engine_session = engine.open_session(
             on_output=self._from_worker,
             quality=quality,
             face_selection=face_selection,
@@ -180,7 +180,9 @@ class StreamSession:
             self._in_times.append(now)
             timestamp = float(frame.time) if frame.time is not None else now
             try:
-                self.frames.submit(frame, timestamp=timestamp, tag=(frame.pts, frame.time_base))
+                self.engine_session.submit(
+                    frame, timestamp=timestamp, tag=(frame.pts, frame.time_base)
+                )
             except EngineClosed:  # the session (or the service) is ending
                 return
 
@@ -248,20 +250,20 @@ class StreamSession:
         last = self._last_stats
         latencies = list(self._latencies)
         encode = self._h264.stats() if self._h264 is not None else None
-        errors = dict(self.frames.errors)
+        errors = dict(self.engine_session.errors)
         if encode is not None and encode.errors:
             errors["encode"] = encode.errors
         return SessionStats(
             fps_in=_rate(self._in_times, now),
             fps_out=_rate(self._out_times, now),
             frames_in=self.frames_in,
-            frames_out=self.frames.frames_out,
-            dropped=self.frames.dropped + self.skipped,
+            frames_out=self.engine_session.frames_out,
+            dropped=self.engine_session.dropped + self.skipped,
             latency_ms={
                 q: _percentile(latencies, n) for q, n in (("p50", 50), ("p95", 95), ("p99", 99))
             },
-            quality=self.frames.level.name,
-            quality_mode=self.frames.quality,
+            quality=self.engine_session.level.name,
+            quality_mode=self.engine_session.quality,
             faces=last.faces if last else 0,
             swapped=last.swapped if last else 0,
             errors=errors,
@@ -301,4 +303,4 @@ class StreamSession:
         if self._h264 is not None:
             await self._h264.close()
         # Its frames still in the engine are not handed back; the engine serves the others.
-        self.frames.close()
+        self.engine_session.close()

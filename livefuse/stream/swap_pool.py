@@ -62,9 +62,6 @@ _SOURCES_KEPT = 64
 # otherwise respawn it every batch).
 _RESTART_PAUSE_S = 5.0
 
-SwapFace = Callable[[np.ndarray, SourceFace, TrackedFace], None]
-"""Swap one face into an image in place (the engine's own swap, with the frame's level)."""
-
 
 @dataclass(frozen=True)
 class SwapUnit:
@@ -211,6 +208,7 @@ class _SwapChild:
         self.child: ChildProcess | None = None
         self.generation = 0
         self.failed_at = -_RESTART_PAUSE_S
+        self.stopped = False
         self.lock = threading.Condition()
         self._free_slots = [_SharedSlot() for _ in range(_SLOTS_PER_CHILD)]
         self._all_slots = list(self._free_slots)
@@ -237,6 +235,8 @@ class _SwapChild:
         """Running and ready (models loaded); starts a replacement for a failed child
         once the pause is over. Never waits."""
         with self.lock:
+            if self.stopped:
+                return False
             if self.child is None or not self.child.running:
                 if time.monotonic() - self.failed_at < _RESTART_PAUSE_S:
                     return False
@@ -252,7 +252,20 @@ class _SwapChild:
         with self.lock:
             self._fail(error)
 
+    def wait_ready(self) -> None:
+        """Wait for a starting child to load its models (one that failed is left to
+        `available` to restart)."""
+        with self.lock:
+            if self.child is None or not self.child.running:
+                return
+            try:
+                self.child.ensure_started()
+            except RuntimeError as error:
+                self._fail(error)
+
     def _fail(self, error: BaseException) -> None:
+        if self.stopped:  # ended on purpose: whoever waited just hears it
+            return
         log.warning("event=swap_process_failed process=%d error=%r", self.index, str(error))
         self.failed_at = time.monotonic()
         if self.child is not None:
@@ -282,7 +295,7 @@ class _SwapChild:
             del memory
             requests = []
             for unit, unit_options in zip(units, options, strict=True):
-                source = unit.job.session.source
+                source = unit.job.source
                 assert source is not None
                 meshes = [(face.points, face.presence) for face in unit.faces]
                 requests.append(
@@ -308,7 +321,7 @@ class _SwapChild:
             with self.lock:
                 child = self.child
                 if child is None or request.generation != self.generation:
-                    raise RuntimeError(f"swap process {self.index} was restarted")
+                    raise _StaleRequest(f"swap process {self.index} was restarted")
             # Not under the lock: the dispatching thread may send meanwhile.
             errors: list[str | None] = child.receive(timeout=_ANSWER_TIMEOUT_S)
             memory = request.slot.array(request.layout.size)
@@ -343,11 +356,15 @@ class _SwapChild:
             self._pending_sources.append(("source", key, source))
         return key
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop the child for good (whoever waits for its answer hears it end)."""
         with self.lock:
+            self.stopped = True
             if self.child is not None:
                 self.child.close()
-                self.child = None
+
+    def free(self) -> None:
+        """Free the shared memory, once nothing reads or writes it any more."""
         for slot in self._all_slots:
             slot.free()
 
@@ -417,24 +434,35 @@ def _child_main(conn: Connection, models_dir: str) -> None:
 
 
 class PoolSwaps:
-    """A batch's units in the swap processes; `wait` collects them."""
+    """A batch's swaps under way: the units sent to the swap processes, and the frames
+    whose faces already failed; `wait` collects them."""
 
-    def __init__(self, requests: list[_Request]) -> None:
+    def __init__(self, requests: list[_Request], failed: dict[FrameJob, str] | None = None) -> None:
         self._requests = requests
+        self._failed: dict[FrameJob, str] = dict(failed or {})
 
-    def wait(self) -> dict[SwapUnit, str]:
-        """Wait for every child's answer; the units that failed, with why."""
-        failed: dict[SwapUnit, str] = {}
+    def fail(self, job: FrameJob, why: str) -> None:
+        """A face of `job` failed (the first reason is kept)."""
+        self._failed.setdefault(job, why)
+
+    def wait(self) -> dict[FrameJob, str]:
+        """Wait for every child's answer; the frames any of whose faces failed, with why."""
         for request in self._requests:
             try:
                 errors = request.child.receive(request)
+            except _StaleRequest as error:  # its child was replaced: the new one is fine
+                errors = [str(error)] * len(request.units)
             except RuntimeError as error:
                 request.child.fail(error)
                 errors = [str(error)] * len(request.units)
-            failed.update(
-                {unit: error for unit, error in zip(request.units, errors, strict=True) if error}
-            )
-        return failed
+            for unit, why in zip(request.units, errors, strict=True):
+                if why:
+                    self.fail(unit.job, why)
+        return self._failed
+
+
+class _StaleRequest(RuntimeError):
+    """An answer was awaited from a child that has been replaced since the request."""
 
 
 class SwapPool:
@@ -464,12 +492,7 @@ class SwapPool:
         so the first frames are not all swapped in the engine's thread); a child that
         fails is logged and left to restart later."""
         for child in self._children:
-            if child.child is None:
-                continue
-            try:
-                child.child.ensure_started()
-            except RuntimeError as error:
-                child.fail(error)
+            child.wait_ready()
 
     def start(
         self, units: list[SwapUnit], options: Callable[[SwapUnit], tuple[Any, ...]]
@@ -491,14 +514,21 @@ class SwapPool:
                 continue
             try:
                 requests.append(child.send(share, [options(unit) for unit in share]))
-            except RuntimeError as error:
+            except Exception as error:  # the child, its memory or the message: do them here
                 child.fail(error)
                 leftover.extend(share)
         return PoolSwaps(requests), leftover
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Stop every child; the shared memory stays until `close`."""
         for child in self._children:
-            child.close()
+            child.stop()
+
+    def close(self) -> None:
+        """Stop every child and free the shared memory. Safe to call twice."""
+        self.stop()
+        for child in self._children:
+            child.free()
 
 
 def balance(

@@ -131,14 +131,6 @@ class FaceTracker:
         self._fit_share = 0.0
         self._want_detection = True
 
-    def reset(self) -> None:
-        self.tracks = []
-        self._pending = None
-        self._fit_share = 0.0
-        self._backlog = []
-        self._rejected = []
-        self._want_detection = True
-
     def update(
         self,
         frame_bgr: np.ndarray,

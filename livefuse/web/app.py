@@ -241,16 +241,16 @@ async def _patch_session(request: web.Request) -> web.Response:
         raise json_error(422, "bad_enabled", "enabled must be true or false")
     if "faces" in body and body["faces"] not in webrtc.FACE_SELECTIONS:
         raise json_error(422, "bad_faces", "faces must be all or largest")
-    frames = session.stream.frames
+    live = session.stream.engine_session
     if "source" in body:
         session.source = source
-        frames.source = source.face if source else None
+        live.source = source.face if source else None
     if "quality" in body:
-        frames.quality = body["quality"]
+        live.quality = body["quality"]
     if "enabled" in body:
-        frames.enabled = body["enabled"]
+        live.enabled = body["enabled"]
     if "faces" in body:
-        frames.face_selection = body["faces"]
+        live.face_selection = body["faces"]
     return web.json_response(session.as_dict())
 
 

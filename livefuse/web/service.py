@@ -56,13 +56,13 @@ class LiveSession:
         return self.stream.stats()
 
     def as_dict(self) -> dict[str, Any]:
-        frames = self.stream.frames
+        settings = self.stream.engine_session
         return {
             "id": self.id,
             "source": self.source.id if self.source else None,
-            "quality": frames.quality,
-            "enabled": frames.enabled,
-            "faces": frames.face_selection,
+            "quality": settings.quality,
+            "enabled": settings.enabled,
+            "faces": settings.face_selection,
             "mode": self.mode,
             "viewers": self.viewer_count,
             "created": self.created,
@@ -98,6 +98,7 @@ class Service:
             engine=lambda: self.engine,
         )
         self._starting = 0
+        self._stopping = False
         self._ending: dict[str, asyncio.Task[bool]] = {}
         self._background: set[asyncio.Task[object]] = set()
         self._load_task: asyncio.Task[None] | None = None
@@ -118,6 +119,10 @@ class Service:
             self.problem = str(error)
             log.error("event=models_unavailable problem=%r", str(error))
             return
+        except Exception as error:  # /readyz says so; the process keeps serving the rest
+            self.problem = f"the frame engine could not start: {type(error).__name__}: {error}"
+            log.exception("event=engine_unavailable")
+            return
         self.ready, self.problem = True, None
         log.info("event=models_ready")
 
@@ -132,21 +137,26 @@ class Service:
             occlusion=settings.occlusion,
         )
         engine = FrameEngine(faces=pipeline, swap_processes=settings.resolved_swap_processes)
-        # The first inference of each model allocates and plans, and the swap processes
-        # load their models: pay for it before the first viewer would.
-        frame = np.full((720, 1280, 3), 128, np.uint8)
-        warm_up = engine.open_session(detect_in_background=False)
         try:
-            warm_up.process(frame, timestamp=0.0)
-        finally:
-            warm_up.close()
-        pipeline.find_faces(frame)
-        engine.wait_ready()
-        engine.restart_quality()
+            # The first inference of each model allocates and plans, and the swap
+            # processes load their models: pay for it before the first viewer would.
+            frame = np.full((720, 1280, 3), 128, np.uint8)
+            warm_up = engine.open_session(detect_in_background=False)
+            try:
+                warm_up.process(frame, timestamp=0.0)
+            finally:
+                warm_up.close()
+            pipeline.find_faces(frame)
+            engine.wait_ready()
+            engine.restart_quality()
+        except BaseException:
+            engine.close()  # its threads and swap processes, not left behind
+            raise
         return pipeline, engine
 
     async def stop(self) -> None:
         """End every session cleanly, then the engine (graceful shutdown)."""
+        self._stopping = True  # no new sessions from here on
         if self._load_task is not None:
             # Not cancelled: the loading thread would go on and leave an engine behind.
             await asyncio.gather(self._load_task, return_exceptions=True)
@@ -182,6 +192,13 @@ class Service:
 
     def reserve_session(self) -> None:
         """Count a session being set up against the limit, or refuse with 503."""
+        if self._stopping:
+            raise sdp_error(
+                503,
+                "shutting_down",
+                "the server is shutting down",
+                headers={"Retry-After": str(RETRY_AFTER_STARTING_S)},
+            )
         if len(self.sessions) + self._starting >= self.settings.max_sessions:
             self.metrics.refused.labels(reason="capacity").inc()
             raise sdp_error(

@@ -157,14 +157,16 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
         raise sdp_error(400, "bad_direction", f"a WHIP offer must send video (it is {direction})")
 
     service.reserve_session()
-    pc = service.new_peer_connection()
     session_id = service.new_id()
-    stream = service.new_stream(
-        session_id,
-        quality=quality,
-        face_selection=cast(FaceSelection, face_selection),
-    )
-    stream.frames.source = source.face if source else None
+    try:
+        stream = service.new_stream(
+            session_id, quality=quality, face_selection=cast(FaceSelection, face_selection)
+        )
+    except BaseException:
+        service.release_reservation()
+        raise
+    stream.engine_session.source = source.face if source else None
+    pc = service.new_peer_connection()
     try:
 
         @pc.on("track")

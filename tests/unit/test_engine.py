@@ -409,3 +409,70 @@ def test_frame_jobs_hash_by_identity() -> None:
     a = FrameJob(frame=np.zeros(1), index=0, timestamp=0.0, submitted=0.0, session=None)  # type: ignore[arg-type]
     b = FrameJob(frame=np.zeros(1), index=0, timestamp=0.0, submitted=0.0, session=None)  # type: ignore[arg-type]
     assert len({a: 1, b: 2}) == 2
+
+
+def test_a_frame_whose_first_face_fails_goes_out_whole_and_its_input_is_untouched(
+    faces: FacePipeline, source: SourceFace, astronaut_head: np.ndarray, second_head: np.ndarray
+) -> None:
+    """Fault injection: the first face of every frame raises in the swap, the second is
+    swapped. The frame must go out exactly as it came in, and the caller's array (a
+    bench's clip frame, reused) must not be drawn on."""
+    swap_face = faces.swap_face_in_place
+    calls = {"count": 0}
+
+    def every_other_face_fails(frame: np.ndarray, *args: object, **kwargs: object) -> None:
+        calls["count"] += 1
+        if calls["count"] % 2 == 1:
+            raise RuntimeError("injected: this face's swap fails")
+        swap_face(frame, *args, **kwargs)  # type: ignore[arg-type]
+
+    frame = scene((astronaut_head, 10), (second_head, 190))
+    pristine = frame.copy()
+    engine = FrameEngine(faces=faces)  # in-thread swaps: the injected fault applies
+    try:
+        session, _ = open_session(engine, source, quality="fast")
+        session.process(frame, timestamp=0.0)  # tracks the two faces
+        faces.swap_face_in_place = every_other_face_fails  # type: ignore[method-assign]
+        output = session.process(frame, timestamp=1 / FPS)
+    finally:
+        faces.swap_face_in_place = swap_face  # type: ignore[method-assign]
+        engine.close()
+    assert output is not None and output.stats.faces == 2
+    assert output.stats.error is not None and "injected" in output.stats.error
+    assert np.array_equal(output.image, pristine)
+    assert np.array_equal(frame, pristine)  # nothing drew on the caller's array
+
+
+def test_the_source_switched_off_and_on_mid_stream_stops_nothing(
+    faces: FacePipeline, source: SourceFace, astronaut_head: np.ndarray, second_head: np.ndarray
+) -> None:
+    """The user turns the source off and on as fast as requests come (PATCH), while the
+    swap processes work: every frame still comes back, and the engine goes on serving."""
+    engine = FrameEngine(faces=faces, swap_processes=1)
+    try:
+        engine.wait_ready()
+        toggled, toggled_out = open_session(engine, source, quality="fast")
+        other, other_out = open_session(engine, source, quality="fast")
+        frames = [scene((astronaut_head, 10 + i), (second_head, 190 - i)) for i in range(40)]
+        stop = threading.Event()
+
+        def toggle() -> None:
+            while not stop.is_set():
+                toggled.source = None
+                toggled.source = source
+
+        switcher = threading.Thread(target=toggle)
+        switcher.start()
+        try:
+            feed_together([(toggled, frames, None), (other, frames, None)])
+        finally:
+            stop.set()
+            switcher.join()
+        for collector in (toggled_out, other_out):
+            collector.wait_for(len(frames))
+            assert [o.tag for o in collector.outputs] == list(range(len(frames)))
+        assert all(o.stats.error is None for o in other_out.outputs)
+        after = other.process(frames[-1], timestamp=5.0)
+        assert after is not None and after.stats.swapped == 2  # the engine still runs
+    finally:
+        engine.close()

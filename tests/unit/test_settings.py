@@ -42,3 +42,17 @@ def test_frozen_and_validated(monkeypatch: pytest.MonkeyPatch) -> None:
         settings.threads = 4
     with pytest.raises(ValidationError):
         Settings(threads=0)
+
+
+def test_swap_processes_follow_the_cores_a_cgroup_allows(tmp_path: Path) -> None:
+    from livefuse.settings import _cpu_quota_cores
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("250000 100000\n")  # a container limited to 2.5 cores
+    assert _cpu_quota_cores(cpu_max) == 2.5
+    cpu_max.write_text("max 100000\n")  # no limit
+    assert _cpu_quota_cores(cpu_max) is None
+    assert _cpu_quota_cores(tmp_path / "absent") is None
+    assert Settings(swap_processes=0).resolved_swap_processes == 0
+    assert Settings(swap_processes=3).resolved_swap_processes == 3
+    assert 0 <= Settings().resolved_swap_processes <= 8

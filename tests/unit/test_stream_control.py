@@ -48,21 +48,55 @@ def test_one_euro_follows_a_moving_face_closely() -> None:
     assert float(np.abs(moving[30:, :, 0] - looser[30:, :, 0]).max()) < lag_px
 
 
+class FrameClock:
+    """The controller's clock in a test: a frame every 1/32 s (exact in binary, so 96
+    frames are exactly 3 s), moved on by `tick`."""
+
+    PERIOD = 1 / 32
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, frames: int = 1) -> None:
+        self.now += frames * self.PERIOD
+
+
+def controller_at(mode: str = "auto") -> tuple[QualityController, FrameClock]:
+    clock = FrameClock()
+    controller = QualityController(mode=mode, target_fps=32.0, clock=clock)  # type: ignore[arg-type]
+    return controller, clock
+
+
+def feed(controller: QualityController, clock: FrameClock, frame_ms: float, **kw: int) -> None:
+    clock.tick()
+    controller.record(frame_ms, **kw)
+
+
+def frames_to_climb(controller: QualityController, clock: FrameClock, frame_ms: float = 5.0) -> int:
+    level = controller.level.name
+    for count in range(1, 5000):
+        feed(controller, clock, frame_ms)
+        if controller.level.name != level:
+            return count
+    raise AssertionError("never climbed")
+
+
 def test_controller_starts_in_the_middle_climbs_slowly_and_steps_down_fast() -> None:
-    controller = QualityController(mode="auto", target_fps=FPS)  # 33.3 ms budget
+    controller, clock = controller_at()  # a 31.25 ms budget
     assert controller.level.name == "fast"
-    for _ in range(89):
-        controller.record(10.0)
-    assert controller.level.name == "fast"  # not yet: 90 quiet frames are needed
-    controller.record(10.0)
+    # 3 s of quiet frames: from the first quiet frame, 96 frames later.
+    assert frames_to_climb(controller, clock, 10.0) == 97
     assert controller.level.name == "balanced"
-    for _ in range(90):
-        controller.record(10.0)
+    assert frames_to_climb(controller, clock, 10.0) == 97
     assert controller.level.name == "high"
-    controller.record(40.0)
-    controller.record(40.0)  # two of the last four over 90% of the budget
+    feed(controller, clock, 40.0)
+    assert controller.level.name == "high"  # one frame over 90%: not yet
+    feed(controller, clock, 40.0)  # half of the recent frames over 90% of the budget
     assert controller.level.name == "balanced"
-    controller.record(60.0)  # one frame at 1.8x the budget is enough on its own
+    feed(controller, clock, 60.0)  # one frame at nearly twice the budget is enough alone
     assert controller.level.name == "fast"
     # Pinned and back to auto mid-stream: auto carries on from where it is.
     controller.set_mode("high")
@@ -70,17 +104,37 @@ def test_controller_starts_in_the_middle_climbs_slowly_and_steps_down_fast() -> 
     assert controller.level.name == "high"
 
 
+def test_the_controller_judges_time_not_frames() -> None:
+    """Ten streams' frames arrive ten times as often: the climb still takes 3 s, and
+    one stream's slow frame among nine quick ones does not step down."""
+    controller, clock = controller_at()
+    for _ in range(40):
+        for stream in range(10):
+            controller.record(40.0 if stream == 9 else 10.0)  # all within one frame time
+        clock.tick()
+    assert controller.level.name == "fast"  # 1 in 10 over: no step down
+    climbed = None
+    for frame in range(200):
+        for _ in range(10):
+            controller.record(5.0)
+        if controller.level.name != "fast":
+            climbed = frame
+            break
+        clock.tick()
+    assert climbed == 96  # 3 s of frame times, not 90 records
+
+
 def test_controller_steps_down_on_a_dropped_frame_and_stops_at_the_bottom() -> None:
-    controller = QualityController(mode="auto", target_fps=FPS)
+    controller, clock = controller_at()
     for _ in range(len(LADDER) + 2):
-        controller.record(5.0, dropped=1)
+        feed(controller, clock, 5.0, dropped=1)
     assert controller.level is LADDER[-1]
 
 
 def test_a_pinned_level_holds_whatever_the_frame_times() -> None:
-    controller = QualityController(mode="high", target_fps=FPS)
+    controller, clock = controller_at("high")
     for _ in range(10):
-        controller.record(100.0, dropped=1)
+        feed(controller, clock, 100.0, dropped=1)
     assert controller.level.name == "high"
     controller.set_mode("fast")
     assert controller.level.name == "fast"
@@ -101,36 +155,27 @@ def test_one_euro_snaps_to_a_jump_instead_of_gliding() -> None:
 
 
 def test_controller_restarts_at_the_starting_level_and_a_pinned_one_stays() -> None:
-    controller = QualityController(mode="auto", target_fps=FPS)
+    controller, clock = controller_at()
     for _ in range(8):
-        controller.record(100.0)  # far over: all the way down
+        feed(controller, clock, 100.0)  # far over: all the way down
     assert controller.level.name == "minimal"
     controller.restart()
     assert controller.level.name == "fast"
-    pinned = QualityController(mode="high", target_fps=FPS)
+    pinned, _ = controller_at("high")
     pinned.restart()
     assert pinned.level.name == "high"
 
 
 def test_a_climb_that_fails_makes_the_next_one_wait_longer() -> None:
-    controller = QualityController(mode="auto", target_fps=FPS)  # starts at fast
-
-    def quiet_frames_to_climb() -> int:
-        level = controller.level.name
-        for count in range(1, 2000):
-            controller.record(5.0)
-            if controller.level.name != level:
-                return count
-        raise AssertionError("never climbed")
-
-    assert quiet_frames_to_climb() == 90  # fast -> balanced
-    controller.record(100.0)  # the climb fails at once: back to fast
+    controller, clock = controller_at()  # starts at fast
+    assert frames_to_climb(controller, clock) == 97  # fast -> balanced after 3 s
+    feed(controller, clock, 100.0)  # the climb fails at once: back to fast
     assert controller.level.name == "fast"
-    assert quiet_frames_to_climb() == 180  # twice the wait
-    controller.record(100.0)
-    assert quiet_frames_to_climb() == 360
+    assert frames_to_climb(controller, clock) == 193  # twice the wait
+    feed(controller, clock, 100.0)
+    assert frames_to_climb(controller, clock) == 385
     # This time the climb holds: the next one needs the usual wait again.
-    for _ in range(91):
-        controller.record(20.0)  # neither quiet nor over
+    for _ in range(97):
+        feed(controller, clock, 20.0)  # neither quiet nor over
     assert controller.level.name == "balanced"
-    assert quiet_frames_to_climb() == 90
+    assert frames_to_climb(controller, clock) == 97
