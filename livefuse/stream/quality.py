@@ -95,21 +95,22 @@ _AUTO_START = "fast"
 class QualityController:
     """Chooses the level for the next frame from the times of the last ones.
 
-    Step down when at least half of the frames of the last 4 frame budgets (133 ms at
-    30 fps), and at least 2, overran 90% of the budget, when one overran it by half
-    again, or when a frame was dropped; step up after 3 s in which every frame took under
-    55% of it: each climb that does not hold costs a few late frames, so climbing is the
-    cautious move. A climb that fails within 3 s doubles the quiet spell the next one
-    needs (up to 16 times, about 50 s): where the load only just fits one level, the
-    controller stops paying a dropped frame every few seconds to find out again. Holding
-    a level for long, or a restart, forgets that. Pinned to a level, it only records.
+    Step down when a quarter of the frames of the last 4 frame budgets (133 ms at 30
+    fps), and at least 2, overran 90% of the budget (for one stream: 2 of its last 4),
+    when one overran it by half again, or when a frame was dropped. Step up after 3 s in
+    which every frame took under 55% of it: each climb that does not hold costs a few
+    late frames, so climbing is the cautious move. A climb that fails within 3 s doubles
+    the quiet spell the next one needs (up to 16 times, about 50 s): where the load only
+    just fits one level, the controller stops paying a dropped frame every few seconds to
+    find out again. Holding a level for long, or a restart, forgets that. Pinned to a
+    level, it only records.
 
     Windows are in time, not frames: one engine's shared controller hears every frame of
     every stream on `auto`, a single stream's hears 30 a second. Thread-safe: the engine's
     workers record and restart it.
     """
 
-    _DOWN_BUDGETS, _DOWN_MIN_OVER, _DOWN_SHARE = 4, 2, 0.9
+    _DOWN_BUDGETS, _DOWN_MIN_OVER, _DOWN_SHARE, _DOWN_FRACTION = 4, 2, 0.9, 0.25
     _SEVERE_SHARE = 1.5
     _UP_S, _UP_SHARE = 3.0, 0.55
     _MAX_BACKOFF = 16
@@ -184,7 +185,7 @@ class QualityController:
         while self._recent and now - self._recent[0][0] > window_s:
             self._recent.popleft()
         over = sum(1 for _, overran in self._recent if overran)
-        overrun = over >= self._DOWN_MIN_OVER and 2 * over >= len(self._recent)
+        overrun = over >= self._DOWN_MIN_OVER and over >= self._DOWN_FRACTION * len(self._recent)
         severe = frame_ms > budget * self._SEVERE_SHARE
         if (overrun or severe or dropped) and self._index < len(LADDER) - 1:
             if self._climbed_at is not None:  # the last climb did not hold
