@@ -56,3 +56,16 @@ def test_swap_processes_follow_the_cores_a_cgroup_allows(tmp_path: Path) -> None
     assert Settings(swap_processes=0).resolved_swap_processes == 0
     assert Settings(swap_processes=3).resolved_swap_processes == 3
     assert 0 <= Settings().resolved_swap_processes <= 8
+
+
+def test_a_bad_swap_process_count_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from livefuse.cli.main import main
+
+    for value in ("-1", "many"):
+        monkeypatch.setenv("LIVEFUSE_SWAP_PROCESSES", value)
+        assert main(["models", "list"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("livefuse: invalid settings: LIVEFUSE_SWAP_PROCESSES")
+        assert len(err.splitlines()) == 1
