@@ -10,9 +10,9 @@ BIN := $(VENV)/bin
 # (cheap when present: sha256 against their records, no network).
 INSTALL_STAMP := $(VENV)/.install-stamp
 
-.PHONY: install models fixtures browser test lint format serve clean
+.PHONY: install models fixtures browser servers test lint format serve clean
 
-install: $(INSTALL_STAMP) models fixtures browser
+install: $(INSTALL_STAMP) models fixtures browser servers
 
 $(INSTALL_STAMP): pyproject.toml
 	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
@@ -50,6 +50,31 @@ browser:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; \
 	else \
 	  echo "no chromium and no apt-get: install Chromium and set LIVEFUSE_CHROMIUM to its path"; \
+	fi
+
+# The real servers the integration tests start themselves (DESIGN.md, "Testing"): nginx
+# with the RTMP module (ingest and source of the relay tests), coturn (TURN relay) and
+# Prometheus (scrapes /metrics). Debian's packages, installed when missing; their system
+# services are not started (the tests run their own instances on loopback).
+SERVER_PACKAGES := nginx-light libnginx-mod-rtmp coturn prometheus
+servers:
+	@missing=; \
+	[ -e /usr/lib/nginx/modules/ngx_rtmp_module.so ] && command -v nginx >/dev/null 2>&1 || missing="$$missing nginx-light libnginx-mod-rtmp"; \
+	command -v turnserver >/dev/null 2>&1 || missing="$$missing coturn"; \
+	command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -z "$$missing" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing$$missing for the integration tests (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    -o Dpkg::Options::=--force-confold $$missing && \
+	  { $$SUDO systemctl disable --now nginx coturn prometheus >/dev/null 2>&1 || true; \
+	    $$SUDO service nginx stop >/dev/null 2>&1 || true; \
+	    $$SUDO service prometheus stop >/dev/null 2>&1 || true; \
+	    $$SUDO service coturn stop >/dev/null 2>&1 || true; }; \
+	else \
+	  echo "no apt-get: install$$missing; the tests that need them skip without"; \
 	fi
 
 # The service on the embedded models: http://127.0.0.1:8080/ (HOST/PORT/TOKEN to change).
