@@ -303,3 +303,56 @@ def blob_from_bgr(
     std_values = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
     if (std_values != 1).any():
         out /= std_values
+
+
+# Overlays -----------------------------------------------------------------------------
+
+# The label's text is this share of the frame's height (22 px at 720p), never under
+# `_LABEL_MIN_TEXT_PX`, so it reads on a phone yet covers little of the picture.
+_LABEL_TEXT_SHARE = 0.03
+_LABEL_MIN_TEXT_PX = 9
+# What the box leaves of the picture beneath it: the text stands out on any background
+# and the picture still shows through.
+_LABEL_BOX_KEEP = 0.35
+_LABEL_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def draw_label(image: Array, text: str) -> None:
+    """Burn `text` into the top-right corner of the uint8 BGR `image`, in place: white
+    text on a box that darkens the picture beneath it to `_LABEL_BOX_KEEP` of itself.
+    The text is 3% of the image's height tall (at least 9 px; smaller only where the
+    image is too narrow for it), the box pads it by 40% of that, and the box stands off
+    the top and right edges by as much. Only the box's pixels change."""
+    height, width = image.shape[:2]
+    text_px = max(_LABEL_MIN_TEXT_PX, round(height * _LABEL_TEXT_SHARE))
+    (unit_width, unit_height), _ = cv2.getTextSize(text, _LABEL_FONT, 1.0, _stroke(text_px))
+    scale = text_px / unit_height
+    pad = max(2, round(text_px * 0.4))
+    room = width - 3 * pad  # the box's two paddings and its margin from the edge
+    if unit_width * scale > room:
+        scale = max(room, 1) / unit_width
+        text_px = max(1, round(unit_height * scale))
+    thickness = _stroke(text_px)
+    (text_width, text_height), baseline = cv2.getTextSize(text, _LABEL_FONT, scale, thickness)
+    box_width = min(width, text_width + 2 * pad)
+    box_height = min(height, text_height + baseline + 2 * pad)
+    right = max(box_width, width - pad)
+    top = min(pad, height - box_height)
+    box = image[top : top + box_height, right - box_width : right]
+    drawn = (box * _LABEL_BOX_KEEP).astype(np.uint8)
+    cv2.putText(
+        drawn,
+        text,
+        (pad, pad + text_height),
+        _LABEL_FONT,
+        scale,
+        (255, 255, 255),
+        thickness,
+        cv2.LINE_AA,
+    )
+    box[...] = drawn
+
+
+def _stroke(text_px: int) -> int:
+    """The label's stroke width for text this tall: bold enough to read when small."""
+    return max(1, round(text_px / 12))

@@ -490,3 +490,44 @@ def test_nms_boxes_overlap_without_the_extra_pixel() -> None:
     assert ops.nms_boxes(boxes, scores, 0.5, 0.35) == [3, 0, 1]
     assert ops.nms_boxes(boxes, scores, 0.5, 0.3) == [3, 0]
     assert ops.nms_boxes(boxes, scores, 0.1, 0.3) == [3, 0]  # 2 overlaps 3 (0.68)
+
+
+# Overlays -----------------------------------------------------------------------------
+
+
+def _changed_box(before: np.ndarray, after: np.ndarray) -> tuple[int, int, int, int]:
+    """x1, y1, x2, y2 (exclusive) around every pixel that changed."""
+    ys, xs = np.nonzero((before != after).any(axis=2))
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+@pytest.mark.parametrize("height", [720, 360])
+def test_draw_label_burns_the_text_into_the_top_right_corner_only(height: int) -> None:
+    import cv2
+    from skimage import data
+
+    width = height * 16 // 9
+    frame = cv2.resize(data.astronaut()[:, :, ::-1], (width, height))
+    labelled = frame.copy()
+    ops.draw_label(labelled, "AI-generated")
+    x1, y1, x2, y2 = _changed_box(frame, labelled)
+    # In the corner, clear of the edges, its height 5-10% of the frame's at any size.
+    assert x1 > width * 0.75 and x2 < width and y1 > 0 and y2 < height * 0.1
+    assert 0.05 < (y2 - y1) / height < 0.1
+    box, under = labelled[y1:y2, x1:x2].astype(int), frame[y1:y2, x1:x2].astype(int)
+    # Semi-transparent: the box darkens what is beneath it, which still shows through;
+    # the text (and its anti-aliased edge) is drawn lighter on it, white at its core.
+    shaded = (np.abs(box - np.floor(under * 0.35)) <= 1).all(axis=2)
+    text = ~shaded
+    assert (box[text] > np.floor(under[text] * 0.35)).all()
+    assert 0.05 < text.mean() < 0.5
+    assert box[shaded].std() > 5
+    assert box[text].mean() > box[shaded].mean() + 60 and (box[text] >= 250).all(axis=-1).any()
+
+
+def test_draw_label_fits_a_narrow_frame() -> None:
+    frame = np.full((480, 120, 3), 200, dtype=np.uint8)
+    labelled = frame.copy()
+    ops.draw_label(labelled, "AI-generated")
+    x1, y1, x2, y2 = _changed_box(frame, labelled)
+    assert 0 < x1 and x2 < 120 and y1 > 0 and y2 < 48
