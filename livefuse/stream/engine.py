@@ -51,6 +51,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from livefuse.engines import ops
 from livefuse.engines.identity import IdentityFace
 from livefuse.engines.pipeline import FacePipeline, FaceSelection, require_bgr8
 from livefuse.engines.swapper import SourceFace
@@ -101,6 +102,12 @@ _IDLE_RESTART_S = 5.0
 _SWAPS_IN_FLIGHT = 2
 # How long `process` waits for its frame to come back before giving up.
 _PROCESS_TIMEOUT_S = 30.0
+# A frame that is not swapped (no source yet, or swapping off) still has its faces
+# tracked, so they are counted and a source set later swaps from its first frame; its
+# landmarks are refitted no more often than every this many frames (as `minimal` does).
+_UNSWAPPED_LANDMARK_INTERVAL = 3
+# What a labelled session's frames carry (`EngineSession.label`).
+DISCLOSURE_TEXT = "AI-generated"
 
 
 class EngineClosed(RuntimeError):
@@ -120,8 +127,8 @@ class EngineSession:
     settings and counters. Made by `FrameEngine.open_session`; `close()` leaves.
 
     The settings a user changes while streaming (`source`, `quality`, `enabled`,
-    `face_selection`) are plain attributes read once per frame, so a change applies from
-    the next frame on without a pause.
+    `face_selection`, `label`) are plain attributes read once per frame, so a change
+    applies from the next frame on without a pause.
     """
 
     def __init__(
@@ -140,6 +147,9 @@ class EngineSession:
         self.source: SourceFace | None = None
         self.enabled = True
         self.face_selection: FaceSelection = face_selection
+        self.label = False
+        """Burn `DISCLOSURE_TEXT` into every frame that goes out, swapped or not: for
+        relays that must disclose synthetic media."""
         self._quality: QualityMode = "auto"
         self.quality = quality
         self.errors: Counter[str] = Counter()
@@ -261,6 +271,8 @@ class EngineSession:
         """The output frame and its stats."""
         assert job.image is not None and job.level is not None
         image = scaled(job.image, job.level.output_scale)
+        if job.label:
+            image = _labelled(image, job)
         stats = FrameStats(
             index=job.index,
             latency_ms=ms_since(job.submitted),
@@ -290,6 +302,8 @@ class EngineSession:
             image = job.frame
         if image is None:
             return None
+        if job.label:
+            image = _labelled(image, job)
         with self._counts:
             self.frames_out += 1
         level = job.level or self.level
@@ -641,6 +655,8 @@ class FrameEngine:
             job.batch_size = len(batch)
             job.stages_ms["queued"] = (taken - job.submitted) * 1000.0
             started = time.perf_counter()
+            # Before anything can fail: a frame that passes through is labelled too.
+            job.label = job.session.label
             try:
                 job.image = _to_array(job.frame)
             except Exception as error:  # unreadable pixels: counted, the frame is dropped
@@ -653,9 +669,7 @@ class FrameEngine:
             job.source, job.enabled = session.source, session.enabled
             job.face_selection = session.face_selection
             job.stages_ms["to_array"] = ms_since(started)
-        tracked = [
-            job for job in batch if job.failure is None and job.enabled and job.source is not None
-        ]
+        tracked = [job for job in batch if job.failure is None]
         if not tracked:
             return
         started = time.perf_counter()
@@ -684,12 +698,16 @@ class FrameEngine:
         for job in jobs:
             assert job.image is not None and job.level is not None
             level = job.level
+            landmark_interval = level.landmark_interval
+            if not job.enabled or job.source is None:
+                # Only counted: cheaper landmarks will do.
+                landmark_interval = max(landmark_interval, _UNSWAPPED_LANDMARK_INTERVAL)
             steps[job] = job.session.tracker.steps(
                 job.image,
                 job.timestamp,
                 detect_size=level.detect_size,
                 detect_interval=level.detect_interval,
-                landmark_interval=level.landmark_interval,
+                landmark_interval=landmark_interval,
             )
             _advance(job, steps[job], None, pending, failed)
         while pending:
@@ -915,6 +933,15 @@ def _swap_options(unit: SwapUnit) -> tuple[float, bool]:
     level = unit.job.level
     assert level is not None
     return (level.blend_scale, level.shape_transfer)
+
+
+def _labelled(image: np.ndarray, job: FrameJob) -> np.ndarray:
+    """`image` with the disclosure label burnt in; drawn on a copy when the image is the
+    caller's own array (a frame that was neither swapped nor scaled)."""
+    if image is job.frame:
+        image = image.copy()
+    ops.draw_label(image, DISCLOSURE_TEXT)
+    return image
 
 
 def _to_array(frame: FrameInput) -> np.ndarray:

@@ -97,6 +97,8 @@ class FrameJob:
     even if the user changes the source meanwhile."""
     enabled: bool = True
     face_selection: FaceSelection = "all"
+    label: bool = False
+    """Whether the frame goes out with the disclosure label (the session's setting)."""
     image: np.ndarray | None = None
     """The frame's pixels (BGR), once stage A has them."""
     original: np.ndarray | None = None

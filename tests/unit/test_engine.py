@@ -476,3 +476,65 @@ def test_the_source_switched_off_and_on_mid_stream_stops_nothing(
         assert after is not None and after.stats.swapped == 2  # the engine still runs
     finally:
         engine.close()
+
+
+def test_a_session_without_a_source_still_counts_its_faces_and_swaps_once_given_one(
+    faces: FacePipeline, source: SourceFace, astronaut_head: np.ndarray, second_head: np.ndarray
+) -> None:
+    """No source yet (or swapping off): the faces are tracked and counted, nothing is
+    drawn; a source set later swaps from the next frame on, the faces already followed."""
+    engine = FrameEngine(faces=faces)
+    try:
+        session, collector = open_session(engine, None, quality="fast")
+        frames = [scene((astronaut_head, 10 + i), (second_head, 190 - i)) for i in range(12)]
+        feed(session, frames[:6], fps=None)
+        collector.wait_for(6)
+        for output in collector.outputs:
+            frame = frames[output.tag]  # type: ignore[index]
+            assert output.stats.faces == 2 and output.stats.swapped == 0, output.stats
+            assert np.array_equal(output.image, frame)  # counted, not drawn on
+        session.enabled = False
+        session.source = source
+        off = session.process(frames[6], timestamp=6 / FPS)
+        assert off is not None and (off.stats.faces, off.stats.swapped) == (2, 0)
+        session.enabled = True
+        on = session.process(frames[7], timestamp=7 / FPS)
+        assert on is not None and (on.stats.faces, on.stats.swapped) == (2, 2)
+        assert not np.array_equal(on.image, frames[7])
+        assert session.errors == {}
+    finally:
+        engine.close()
+
+
+def test_a_labelled_session_carries_the_label_on_every_frame_swapped_or_not(
+    faces: FacePipeline, source: SourceFace, astronaut_head: np.ndarray
+) -> None:
+    """The disclosure label is burnt into the top right corner of whatever goes out of a
+    labelled session: swapped frames, frames without a source, frames that fail; the
+    caller's own array is never drawn on, and an unlabelled session is left alone."""
+    engine = FrameEngine(faces=faces)
+    try:
+        session = engine.open_session(quality="fast", detect_in_background=False)
+        frame = scene((astronaut_head, 40))
+        pristine = frame.copy()
+        plain = session.process(frame, timestamp=0.0)
+        assert plain is not None and np.array_equal(plain.image, frame)
+        session.label = True
+        unswapped = session.process(frame, timestamp=1 / FPS)
+        session.source = source
+        swapped = session.process(frame, timestamp=2 / FPS)
+        session.source = "not a prepared face"  # type: ignore[assignment]
+        failed = session.process(frame, timestamp=3 / FPS)
+        assert unswapped is not None and swapped is not None and failed is not None
+        assert unswapped.stats.swapped == 0 and swapped.stats.swapped == 1
+        assert failed.stats.error is not None and failed.stats.error.startswith("swap")
+        height, width = frame.shape[:2]
+        for output in (unswapped, swapped, failed):
+            corner = output.image[: height // 6, width // 2 :]
+            assert not np.array_equal(corner, frame[: height // 6, width // 2 :])
+        # Without a swap, the label is all that changed.
+        changed = (unswapped.image != frame).any(axis=2)
+        assert not changed[height // 6 :].any() and not changed[:, : width // 2].any()
+        assert np.array_equal(frame, pristine)
+    finally:
+        engine.close()
