@@ -105,9 +105,33 @@ class Settings(BaseSettings):
     cgroup CPU limit), at most 8, none below two cores. 0 swaps every face in the engine's
     own thread. Each uses up to about 24 MB of shared memory (/dev/shm) at 720p."""
 
+    push_bitrate_kbps: int = Field(default=3000, ge=100, le=50_000)
+    """Video bitrate of an RTMP push (`/outputs`, `livefuse relay --output`) when the
+    request names none."""
+
+    max_outputs: int = Field(default=4, ge=0)
+    """RTMP pushes per session (each is one more H.264 encode)."""
+
+    publisher_gone_s: float = Field(default=3.0, gt=0)
+    """A named stream's publisher that has sent no video for this long counts as gone: a
+    new publisher on the name takes its place instead of getting 409 (OBS restarted after
+    a crash sends no DELETE)."""
+
     ice_servers: list[str] = Field(default_factory=list)
     """STUN/TURN URLs for the server's peer connections (JSON list in the environment).
     Empty: host candidates only, enough on a LAN or loopback."""
+
+    turn_urls: list[str] = Field(default_factory=list)
+    """TURN URLs (JSON list, e.g. `["turn:turn.example.net:3478?transport=udp"]`) given
+    short-lived credentials from `turn_secret` (coturn's `use-auth-secret`): announced on
+    WHIP/WHEP answers and to the pages, and used by the server's own peer connections."""
+
+    turn_secret: str | None = None
+    """The TURN server's `static-auth-secret`; TURN URLs are used only with it."""
+
+    turn_ttl_s: int = Field(default=24 * 3600, ge=60)
+    """How long a TURN credential lasts. The TURN server checks it on every refresh of a
+    relay, so it must outlast the longest session, and a leaked one is dead after it."""
 
     @field_validator("home")
     @classmethod

@@ -137,6 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     clip.add_argument("--static", action="store_true", help="no motion: only the noise")
     clip.add_argument("--crop", metavar="X,Y,W,H", help="use only this part of the photo")
 
+    relay = commands.add_parser(
+        "relay",
+        help="pull a feed, swap its faces, push it on (RTMP/RTSP/HLS in, RTMP out)",
+        description=(
+            "Pull --input (rtmp://, rtmps://, rtsp://, http(s):// HLS or a file), swap the "
+            "faces with --source and push video and audio to --output (rtmp:// or rtmps://). "
+            "Live inputs and the output reconnect by themselves; a file input ends the relay."
+        ),
+    )
+    relay.add_argument("--input", required=True, metavar="URL", help="the feed to pull")
+    relay.add_argument("--source", required=True, type=Path, metavar="IMG", help="face to wear")
+    relay.add_argument("--output", required=True, metavar="URL", help="rtmp(s) ingest to push to")
+    relay.add_argument("--quality", default="auto", choices=("auto", "high", "balanced", "fast"))
+    relay.add_argument("--faces", default="all", choices=("all", "largest"))
+    relay.add_argument("--bitrate", type=_positive_int, default=None, metavar="KBPS")
+    relay.add_argument(
+        "--seconds", type=float, default=None, help="stop after this long (default: until ended)"
+    )
+    _add_backend(relay)
+
     serve = commands.add_parser(
         "serve",
         help="run the WebRTC service (WHIP/WHEP, the pages, the API)",
@@ -187,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from livefuse.cli import clip
 
             return clip.run(args, settings)
+        if args.command == "relay":
+            from livefuse.cli import relay as relay_command
+
+            return relay_command.run(args, settings)
         if args.command == "serve":
             from livefuse.cli import serve
 

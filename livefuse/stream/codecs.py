@@ -11,13 +11,27 @@ at 3 Mbit/s (H.264) and 1.5 Mbit/s (VP8), which smears 720p faces.
   first in every answer (`prefer_h264`) and VP8 is what a peer without H.264 gets, from
   aiortc's own encoder, one per sender. `install()` raises that encoder's bitrate caps; the
   receiver's bandwidth estimate (REMB) still steers the rate inside them.
+- A publisher's video receiver is watched (`watch_receiver`): aiortc asks a sender for a
+  keyframe (PLI) after every frame it cannot decode and logs a warning for each, which a
+  publisher that starts between keyframes (OBS's default keyframe interval) turns into
+  some 60 PLIs a second and a log line per frame until its next keyframe. The watch
+  sends one PLI a second per sender at most, logs the first decoding failure of a
+  session once and counts the rest (`ReceiverWatch.as_dict`, in the session's stats).
 """
 
 from __future__ import annotations
 
-from aiortc import RTCRtpTransceiver
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+from aiortc import MediaStreamTrack, RTCRtpReceiver, RTCRtpTransceiver
 from aiortc.codecs import vpx
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+
+log = logging.getLogger(__name__)
 
 H264_PRESET = "ultrafast"
 H264_BITRATES = (800_000, 3_000_000, 8_000_000)  # min, start, max (bit/s)
@@ -102,3 +116,148 @@ def with_bitrate_hints(sdp: str) -> str:
         if tail is not None:
             result.append(tail)
     return "\r\n".join(result)
+
+
+# A receiver asks one sender for a keyframe (PLI) at most this often. A keyframe takes
+# a round trip and several frames' worth of bits to arrive; asking again before then only
+# makes an encoder that honours every PLI send keyframe after keyframe (and a congested
+# link worse), and one that ignores them (OBS) does not care how often it is asked.
+PLI_INTERVAL_S = 1.0
+# aiortc's decoder thread logs this (logger `aiortc.rtcrtpreceiver`) on every frame it
+# cannot decode.
+_DECODE_FAILURE = "failed to decode"
+
+
+class ReceiverWatch:
+    """One video receiver's requests for keyframes and the frames it could not decode.
+
+    Made by `watch_receiver`, which hands each of the receiver's PLIs through `_pli` and
+    each of its decoding failures to `_decode_failed`. Counters are read by any thread.
+    """
+
+    def __init__(
+        self,
+        receiver: RTCRtpReceiver,
+        *,
+        interval_s: float = PLI_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.receiver = receiver
+        self.name = "unnamed"
+        """Who the video belongs to, for the log (the session sets it)."""
+        self.pli_requested = 0
+        """Keyframes aiortc asked the sender for: after each undecodable frame or loss."""
+        self.pli_sent = 0
+        """Of those, the PLIs sent: one a second per sender at most."""
+        self.undecodable_frames = 0
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last_sent: dict[int, float] = {}
+        self._lock = threading.Lock()  # failures are counted on aiortc's decoder thread
+
+    def _pli(self, media_ssrc: int) -> bool:
+        """Whether a PLI to `media_ssrc` may go now; counts it either way."""
+        now = self._clock()
+        with self._lock:
+            self.pli_requested += 1
+            last = self._last_sent.get(media_ssrc)
+            if last is not None and now - last < self._interval_s:
+                return False
+            self._last_sent[media_ssrc] = now
+            self.pli_sent += 1
+            return True
+
+    def _decode_failed(self, message: str) -> None:
+        with self._lock:
+            self.undecodable_frames += 1
+            first = self.undecodable_frames == 1
+        if first:
+            log.warning(
+                "event=undecodable_video session=%s detail=%r: nothing can be shown until "
+                "the publisher's next keyframe (set its keyframe interval to 1 s); keyframes "
+                "are asked for once a second and further failures are counted in the "
+                "session's stats (video_in.undecodable_frames)",
+                self.name,
+                message,
+            )
+
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "pli_requested": self.pli_requested,
+                "pli_sent": self.pli_sent,
+                "undecodable_frames": self.undecodable_frames,
+            }
+
+
+class _DecodeFailures(logging.Filter):
+    """On aiortc's receiver logger: a watched receiver's decoding failure goes to its
+    watch instead of the log. aiortc decodes each receiver's video on a thread of its own
+    and logs from there, so the watch is the one whose receiver owns the logging thread;
+    any other record passes as it is. Holds the watches weakly: a watch lives as long as
+    its receiver (whose PLI method refers to it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: weakref.WeakSet[ReceiverWatch] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, watch: ReceiverWatch) -> None:
+        with self._lock:
+            self._watches.add(watch)
+
+    def watches(self) -> list[ReceiverWatch]:
+        with self._lock:
+            return list(self._watches)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or _DECODE_FAILURE not in record.msg:
+            return True
+        thread = threading.current_thread()
+        for watch in self.watches():
+            if _decoder_thread(watch.receiver) is thread:
+                watch._decode_failed(record.getMessage())
+                return False
+        return True
+
+
+_DECODE_FAILURES = _DecodeFailures()
+
+
+def _decoder_thread(receiver: RTCRtpReceiver) -> threading.Thread | None:
+    """The thread aiortc decodes `receiver`'s frames on (started by `receive`): read from
+    the receiver's private attribute, as aiortc names it nowhere else."""
+    thread = getattr(receiver, "_RTCRtpReceiver__decoder_thread", None)
+    return thread if isinstance(thread, threading.Thread) else None
+
+
+def watch_receiver(receiver: RTCRtpReceiver) -> ReceiverWatch:
+    """Limit `receiver`'s PLIs to one a second per sender and count the frames it cannot
+    decode, logging the first. Call it once the receiver exists (after
+    `setRemoteDescription`), before media flows.
+
+    aiortc creates its receivers itself, so a subclass cannot take their place, and it
+    sends every PLI through the receiver's `_send_rtcp_pli(media_ssrc)`: that method of
+    this one receiver instance is wrapped (as `EncodedVideoTrack.listen_to` wraps a
+    sender's RTCP handler). Its decoding failures reach us through a filter on aiortc's
+    logger, the standard way to take a library's log records over. aiortc's modules and
+    classes are left as they are.
+    """
+    watch = ReceiverWatch(receiver)
+    send = receiver._send_rtcp_pli
+
+    async def send_rtcp_pli(media_ssrc: int) -> None:
+        if watch._pli(media_ssrc):
+            await send(media_ssrc)
+
+    receiver._send_rtcp_pli = send_rtcp_pli  # type: ignore[method-assign]
+    aiortc_log = logging.getLogger("aiortc.rtcrtpreceiver")
+    if _DECODE_FAILURES not in aiortc_log.filters:
+        aiortc_log.addFilter(_DECODE_FAILURES)
+    _DECODE_FAILURES.add(watch)
+    return watch
+
+
+def receiver_watch(track: MediaStreamTrack) -> ReceiverWatch | None:
+    """The watch of the receiver whose remote track `track` is, if it is watched."""
+    return next((w for w in _DECODE_FAILURES.watches() if w.receiver.track is track), None)

@@ -1,12 +1,18 @@
-"""One live stream: a publisher's tracks in, one processing, any number of outputs.
+"""One live stream: a publisher's video and audio in, one processing, its channel out.
 
-A `StreamSession` owns everything per stream and nothing else: its session on the
-process's one frame engine (which holds its face tracks and settings), the task that
-reads the publisher's video into it, the output slot every sender pulls from, the one
-H.264 encode its H.264 senders share (and its thread), and the audio relay. It is built
-with its dependencies (the `FrameEngine`, the loop, callbacks) and torn down by
-`close()`, which leaves no task or thread behind. The web layer decides when a session
+A `StreamSession` owns everything per publisher and nothing else: its session on the
+process's one frame engine (which holds its face tracks and settings), the tasks that read
+the publisher's tracks into it, and, unless the stream has a name, its `Channel` (the
+output slot every sender pulls from, the one shared H.264 encode, the audio fan-out).
+A named stream's channel is lent to each of its publishers in turn (stream/channel.py).
+It is built with its dependencies (the `FrameEngine`, the loop, callbacks) and torn down
+by `close()`, which leaves no task or thread behind. The web layer decides when a session
 starts and ends; here is only what happens to the frames.
+
+Publishers are aiortc tracks (`attach_video`, `attach_audio`) or an FFmpeg ingest, which
+feeds decoded frames from its own thread (`feed_video`, `feed_audio`). Every frame is
+stamped with its `media_time` on arrival (or when due, for a paced feed): the audio and
+the swapped video leave on that one clock.
 """
 
 from __future__ import annotations
@@ -21,15 +27,16 @@ from typing import Any
 
 import av
 from aiortc import MediaStreamTrack
-from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 
 from livefuse.engines.pipeline import FaceSelection
+from livefuse.stream.channel import Channel
 from livefuse.stream.engine import EngineClosed, FrameEngine
-from livefuse.stream.frames import FrameStats, ProcessedFrame
+from livefuse.stream.frames import FrameInput, FrameStats, ProcessedFrame
 from livefuse.stream.quality import QualityMode
-from livefuse.stream.shared_encode import EncodedVideoTrack, SharedH264Encoder
+from livefuse.stream.shared_encode import EncodedVideoTrack
 from livefuse.stream.tracks import (
+    InputStamp,
     OutputSlot,
     ProcessedVideoTrack,
     latest_frame,
@@ -111,9 +118,13 @@ class StreamSession:
         face_selection: FaceSelection = "all",
         on_frame: Callable[[FrameStats], None] | None = None,
         on_idle: Callable[[StreamSession], None] | None = None,
+        channel: Channel | None = None,
     ) -> None:
         self.id = session_id
-        self.output = OutputSlot()
+        self.channel = channel or Channel(loop=loop, name=session_id)
+        """Where the processed frames and the audio go: a named stream's (lent, not
+        closed here) or this session's own."""
+        self._owns_channel = channel is None
         self.created = time.time()
         self.frames_in = 0
         self.skipped = 0
@@ -126,10 +137,7 @@ class StreamSession:
         self._out_times: deque[float] = deque(maxlen=_STATS_WINDOW)
         self._latencies: deque[float] = deque(maxlen=_STATS_WINDOW)
         self._last_stats: FrameStats | None = None
-        self._outputs: list[ProcessedVideoTrack] = []
-        self._h264: SharedH264Encoder | None = None
-        self._audio: MediaStreamTrack | None = None
-        self._audio_relay = MediaRelay()
+        self._has_audio = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.engine_session = engine.open_session(
@@ -144,26 +152,31 @@ class StreamSession:
 
     # -- inputs -------------------------------------------------------------------------
 
+    @property
+    def output(self) -> OutputSlot:
+        return self.channel.output
+
     def attach_video(self, track: MediaStreamTrack) -> None:
         self._start(self._read_video(track), "video-in")
 
     def attach_audio(self, track: MediaStreamTrack) -> None:
-        self._audio = track
         # aiortc queues every decoded frame of a remote track until someone reads it:
-        # with no viewer listening, this reader keeps the relay (and memory) moving.
-        self._start(self._drain(self._audio_relay.subscribe(track, buffered=False)), "audio")
+        # this reader keeps it moving (and the memory flat) whether anyone listens or not.
+        self._has_audio = True
+        self._start(self._read_audio(track), "audio-in")
 
-    @staticmethod
-    async def _drain(track: MediaStreamTrack) -> None:
+    async def _read_audio(self, track: MediaStreamTrack) -> None:
         while True:
             try:
-                await track.recv()
+                frame = await track.recv()
             except MediaStreamError:
                 return
+            if isinstance(frame, av.AudioFrame):
+                self.channel.audio.push(frame, media_time=time.monotonic())
 
     @property
     def has_audio(self) -> bool:
-        return self._audio is not None
+        return self._has_audio
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
         while True:
@@ -174,17 +187,45 @@ class StreamSession:
             if not isinstance(frame, av.VideoFrame):
                 continue
             now = time.monotonic()
-            self.last_input = now
-            self.frames_in += 1 + skipped
-            self.skipped += skipped
-            self._in_times.append(now)
+            self._count_input(now, skipped)
             timestamp = float(frame.time) if frame.time is not None else now
             try:
                 self.engine_session.submit(
-                    frame, timestamp=timestamp, tag=(frame.pts, frame.time_base)
+                    frame,
+                    timestamp=timestamp,
+                    tag=InputStamp(pts=frame.pts, time_base=frame.time_base, media_time=now),
                 )
             except EngineClosed:  # the session (or the service) is ending
                 return
+
+    def _count_input(self, now: float, skipped: int = 0) -> None:
+        self.last_input = now
+        self.frames_in += 1 + skipped
+        self.skipped += skipped
+        self._in_times.append(now)
+
+    def feed_video(self, frame: FrameInput, *, media_time: float, stamp: InputStamp) -> None:
+        """A decoded frame from an ingest's thread (thread-safe; latest frame wins).
+        EngineClosed once the session has ended."""
+        if self._closed:
+            raise EngineClosed(f"session {self.id} has ended")
+        try:
+            self._loop.call_soon_threadsafe(self._count_input, media_time)
+        except RuntimeError as error:  # the loop is closed: the session is going away
+            raise EngineClosed(f"session {self.id} has ended") from error
+        self.engine_session.submit(frame, timestamp=media_time, tag=stamp)
+
+    def feed_audio(self, frame: av.AudioFrame, *, media_time: float) -> None:
+        """A decoded audio frame from an ingest's thread (thread-safe)."""
+        self._has_audio = True
+        try:
+            self._loop.call_soon_threadsafe(self._push_audio, frame, media_time)
+        except RuntimeError:  # the loop is closed: the session is going away
+            pass
+
+    def _push_audio(self, frame: av.AudioFrame, media_time: float) -> None:
+        if not self._closed:
+            self.channel.audio.push(frame, media_time=media_time)
 
     async def _watch_idle(self) -> None:
         # A publisher that vanishes without a goodbye (network gone, OBS killed) leaves
@@ -205,8 +246,13 @@ class StreamSession:
 
     def _from_worker(self, processed: ProcessedFrame) -> None:
         """On an engine thread: convert once for every sender, then hop to the loop."""
-        pts, time_base = processed.tag if isinstance(processed.tag, tuple) else (None, None)
-        frame = to_output_frame(processed.image, pts=pts_90k(pts, time_base), stats=processed.stats)
+        stamp = processed.tag if isinstance(processed.tag, InputStamp) else None
+        frame = to_output_frame(
+            processed.image,
+            pts=pts_90k(stamp.pts, stamp.time_base) if stamp else None,
+            stats=processed.stats,
+            media_time=stamp.media_time if stamp else None,
+        )
         try:
             self._loop.call_soon_threadsafe(self._publish, frame)
         except RuntimeError:  # the loop is closed: the session is going away
@@ -218,30 +264,19 @@ class StreamSession:
         self._out_times.append(time.monotonic())
         self._latencies.append(frame.stats.latency_ms)
         self._last_stats = frame.stats
-        self.output.publish(frame)
+        self.channel.publish(frame)
         if self._on_frame is not None:
             self._on_frame(frame.stats)
 
     def video_output(self, *, h264: bool = False) -> EncodedVideoTrack | ProcessedVideoTrack:
-        """A new track of the processed video for one more sender: with `h264` (the
-        sender's codec is H.264), packets of the session's one shared encode; else raw
-        frames that the sender's own encoder (VP8) compresses."""
-        if h264:
-            if self._h264 is None:
-                self._h264 = SharedH264Encoder(
-                    self.output, loop=self._loop, name=f"livefuse-{self.id[:8]}-h264"
-                )
-            return self._h264.track()
-        track = ProcessedVideoTrack(self.output)
-        self._outputs = [t for t in self._outputs if t.readyState == "live"]
-        self._outputs.append(track)
-        return track
+        """A new track of the processed video for one more sender (see `Channel`)."""
+        return self.channel.video_output(h264=h264)
 
     def audio_output(self) -> MediaStreamTrack | None:
         """The publisher's audio, untouched, for one more sender (None: it sends none)."""
-        if self._audio is None:
+        if not self._has_audio:
             return None
-        return self._audio_relay.subscribe(self._audio, buffered=False)
+        return self.channel.audio_output()
 
     # -- state --------------------------------------------------------------------------
 
@@ -249,7 +284,7 @@ class StreamSession:
         now = time.monotonic()
         last = self._last_stats
         latencies = list(self._latencies)
-        encode = self._h264.stats() if self._h264 is not None else None
+        encode = self.channel.encoder_stats()
         errors = dict(self.engine_session.errors)
         if encode is not None and encode.errors:
             errors["encode"] = encode.errors
@@ -267,7 +302,7 @@ class StreamSession:
             faces=last.faces if last else 0,
             swapped=last.swapped if last else 0,
             errors=errors,
-            repeats=sum(t.repeats for t in self._outputs) + (encode.repeats if encode else 0),
+            repeats=self.channel.repeats,
             encode=encode.as_dict() if encode else {},
         )
 
@@ -297,10 +332,7 @@ class StreamSession:
                 task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
         self._tasks.clear()
-        self.output.close()
-        for track in self._outputs:
-            track.stop()
-        if self._h264 is not None:
-            await self._h264.close()
+        if self._owns_channel:
+            await self.channel.close()
         # Its frames still in the engine are not handed back; the engine serves the others.
         self.engine_session.close()

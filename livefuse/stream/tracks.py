@@ -44,16 +44,32 @@ class OutputFrame:
     pts: int | None
     """The input frame's timestamp on the 90 kHz video clock, when known."""
     stats: FrameStats
+    media_time: float | None = None
+    """When the input frame arrived (live) or is due (a paced feed), in seconds on the
+    monotonic clock the stream's audio is stamped on too: what an RTMP push syncs on."""
 
 
-def to_output_frame(image_bgr: np.ndarray, *, pts: int | None, stats: FrameStats) -> OutputFrame:
+def to_output_frame(
+    image_bgr: np.ndarray, *, pts: int | None, stats: FrameStats, media_time: float | None = None
+) -> OutputFrame:
     """A processed BGR frame in the encoder's format; odd sizes lose their last row/column."""
     height, width = image_bgr.shape[:2]
     even_h, even_w = height // 2 * 2, width // 2 * 2
     if (even_h, even_w) != (height, width):
         image_bgr = image_bgr[:even_h, :even_w]
     i420 = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2YUV_I420)
-    return OutputFrame(i420=i420, width=even_w, height=even_h, pts=pts, stats=stats)
+    return OutputFrame(
+        i420=i420, width=even_w, height=even_h, pts=pts, stats=stats, media_time=media_time
+    )
+
+
+@dataclass(frozen=True)
+class InputStamp:
+    """What a session attaches to each frame it submits (the engine hands it back)."""
+
+    pts: int | None
+    time_base: fractions.Fraction | None
+    media_time: float
 
 
 def pts_90k(pts: int | None, time_base: fractions.Fraction | None) -> int | None:

@@ -16,18 +16,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 from livefuse.engines.backend import Backend, select_backend
 from livefuse.engines.pipeline import FacePipeline, FaceSelection
-from livefuse.engines.store import ModelError, ModelStore
+from livefuse.engines.store import ModelError
 from livefuse.settings import Settings
 from livefuse.stream import codecs
 from livefuse.stream.engine import FrameEngine
 from livefuse.stream.quality import QualityMode
 from livefuse.stream.session import SessionStats, StreamSession
+from livefuse.stream.startup import load_pipeline, start_engine
 from livefuse.web.errors import sdp_error
+from livefuse.web.ice import ice_servers
 from livefuse.web.metrics import Metrics
 from livefuse.web.sources import Source, SourcePreparer, SourceStore
 
@@ -127,32 +128,8 @@ class Service:
         log.info("event=models_ready")
 
     def _load_and_warm(self) -> tuple[FacePipeline, FrameEngine]:
-        settings = self.settings
-        pipeline = self.face_pipeline or FacePipeline.from_store(
-            ModelStore(settings.models_dir),
-            backend=self.backend,
-            swapper=settings.swapper,
-            detector=settings.detector,
-            enhancer=settings.enhancer,
-            occlusion=settings.occlusion,
-        )
-        engine = FrameEngine(faces=pipeline, swap_processes=settings.resolved_swap_processes)
-        try:
-            # The first inference of each model allocates and plans, and the swap
-            # processes load their models: pay for it before the first viewer would.
-            frame = np.full((720, 1280, 3), 128, np.uint8)
-            warm_up = engine.open_session(detect_in_background=False)
-            try:
-                warm_up.process(frame, timestamp=0.0)
-            finally:
-                warm_up.close()
-            pipeline.find_faces(frame)
-            engine.wait_ready()
-            engine.restart_quality()
-        except BaseException:
-            engine.close()  # its threads and swap processes, not left behind
-            raise
-        return pipeline, engine
+        pipeline = self.face_pipeline or load_pipeline(self.settings, backend=self.backend)
+        return pipeline, start_engine(pipeline, self.settings)
 
     async def stop(self) -> None:
         """End every session cleanly, then the engine (graceful shutdown)."""
@@ -215,8 +192,9 @@ class Service:
 
     def new_peer_connection(self) -> RTCPeerConnection:
         # An explicit (possibly empty) list: aiortc would otherwise ask a public STUN
-        # server, and wait for it where there is none.
-        servers = [RTCIceServer(urls=url) for url in self.settings.ice_servers]
+        # server, and wait for it where there is none. With TURN configured the server
+        # gathers relay candidates too, which a client that cannot reach it directly can.
+        servers = [server.rtc() for server in ice_servers(self.settings)]
         return RTCPeerConnection(RTCConfiguration(iceServers=servers))
 
     def new_stream(
