@@ -16,9 +16,9 @@ from aiohttp import web
 from livefuse.engines.pipeline import FacePipeline
 from livefuse.settings import Settings
 from livefuse.stream.quality import QUALITY_MODES
+from livefuse.web import ice, webrtc
 from livefuse.web import metrics as metrics_module
 from livefuse.web import sources as sources_module
-from livefuse.web import webrtc
 from livefuse.web.errors import ApiError, json_error, sdp_error
 from livefuse.web.service import LiveSession, Service
 
@@ -292,6 +292,7 @@ def create_app(settings: Settings, *, face_pipeline: FacePipeline | None = None)
     app.router.add_post("/api/v1/sources", _create_source)
     app.router.add_get("/api/v1/sources/{id}", _get_source)
     app.router.add_delete("/api/v1/sources/{id}", _delete_source)
+    app.router.add_get("/api/v1/ice-servers", _with_service(ice.ice_servers_get))
     app.router.add_get("/api/v1/sessions", _list_sessions)
     app.router.add_get("/api/v1/sessions/{id}", _get_session)
     app.router.add_patch("/api/v1/sessions/{id}", _patch_session)

@@ -21,6 +21,7 @@ from livefuse.engines.pipeline import FaceSelection
 from livefuse.stream import codecs
 from livefuse.stream.quality import QUALITY_MODES
 from livefuse.stream.shared_encode import EncodedVideoTrack
+from livefuse.web import ice
 from livefuse.web.errors import ApiError, sdp_error
 from livefuse.web.service import LiveSession, close_peer
 
@@ -221,8 +222,9 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
 
 
 def _ice_server_links(service: Service) -> dict[str, str]:
-    links = [f'<{url}>; rel="ice-server"' for url in service.settings.ice_servers]
-    return {"Link": ", ".join(links)} if links else {}
+    """RFC 9725 `Link: rel="ice-server"` headers (OBS reads them), TURN with a fresh
+    short-lived credential."""
+    return ice.link_header(ice.ice_servers(service.settings))
 
 
 def _session_or_404(service: Service, session_id: str) -> LiveSession:
