@@ -143,8 +143,6 @@ class ReceiverWatch:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.receiver = receiver
-        self.name = "unnamed"
-        """Who the video belongs to, for the log (the session sets it)."""
         self.pli_requested = 0
         """Keyframes aiortc asked the sender for: after each undecodable frame or loss."""
         self.pli_sent = 0
@@ -154,6 +152,11 @@ class ReceiverWatch:
         self._clock = clock
         self._last_sent: dict[int, float] = {}
         self._lock = threading.Lock()  # failures are counted on aiortc's decoder thread
+
+    @property
+    def name(self) -> str:
+        """Whose video it is, for the log: what `name_track` called its track."""
+        return _DECODE_FAILURES.name_of(self.receiver.track)
 
     def _pli(self, media_ssrc: int) -> bool:
         """Whether a PLI to `media_ssrc` may go now; counts it either way."""
@@ -200,6 +203,9 @@ class _DecodeFailures(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._watches: weakref.WeakSet[ReceiverWatch] = weakref.WeakSet()
+        # Names come from the session, which sees the track before the watch exists
+        # (aiortc announces a remote track inside setRemoteDescription).
+        self._names: weakref.WeakKeyDictionary[MediaStreamTrack, str] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def add(self, watch: ReceiverWatch) -> None:
@@ -209,6 +215,14 @@ class _DecodeFailures(logging.Filter):
     def watches(self) -> list[ReceiverWatch]:
         with self._lock:
             return list(self._watches)
+
+    def set_name(self, track: MediaStreamTrack, name: str) -> None:
+        with self._lock:
+            self._names[track] = name
+
+    def name_of(self, track: MediaStreamTrack) -> str:
+        with self._lock:
+            return self._names.get(track, "unnamed")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not isinstance(record.msg, str) or _DECODE_FAILURE not in record.msg:
@@ -258,6 +272,12 @@ def watch_receiver(receiver: RTCRtpReceiver) -> ReceiverWatch:
     return watch
 
 
+def name_track(track: MediaStreamTrack, name: str) -> None:
+    """Call the remote `track` `name` (a session id) in the log lines of its watch."""
+    _DECODE_FAILURES.set_name(track, name)
+
+
 def receiver_watch(track: MediaStreamTrack) -> ReceiverWatch | None:
-    """The watch of the receiver whose remote track `track` is, if it is watched."""
+    """The watch of the receiver whose remote track `track` is, if it is watched (from
+    the end of the offer's negotiation on)."""
     return next((w for w in _DECODE_FAILURES.watches() if w.receiver.track is track), None)

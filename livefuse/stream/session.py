@@ -30,6 +30,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from livefuse.engines.pipeline import FaceSelection
+from livefuse.stream import codecs
 from livefuse.stream.channel import Channel
 from livefuse.stream.engine import EngineClosed, FrameEngine
 from livefuse.stream.frames import FrameInput, FrameStats, ProcessedFrame
@@ -71,6 +72,10 @@ class SessionStats:
     """Frames re-sent because no new one was ready (the shared H.264 encode's, plus each
     VP8 output's)."""
     encode: dict[str, float] = field(default_factory=dict)
+    video_in: dict[str, int] = field(default_factory=dict)
+    """The publisher's video as received (`codecs.ReceiverWatch`: keyframes asked for,
+    PLIs sent, frames that could not be decoded); empty for a feed that is no aiortc
+    track."""
     """The shared H.264 encode (`EncoderStats`); empty while no H.264 sender has joined."""
 
     def as_dict(self) -> dict[str, Any]:
@@ -88,6 +93,7 @@ class SessionStats:
             "errors": self.errors,
             "repeated_frames": self.repeats,
             "encode": self.encode,
+            "video_in": self.video_in,
         }
 
 
@@ -138,6 +144,7 @@ class StreamSession:
         self._latencies: deque[float] = deque(maxlen=_STATS_WINDOW)
         self._last_stats: FrameStats | None = None
         self._has_audio = False
+        self._video_track: MediaStreamTrack | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.engine_session = engine.open_session(
@@ -157,6 +164,8 @@ class StreamSession:
         return self.channel.output
 
     def attach_video(self, track: MediaStreamTrack) -> None:
+        self._video_track = track
+        codecs.name_track(track, self.id)
         self._start(self._read_video(track), "video-in")
 
     def attach_audio(self, track: MediaStreamTrack) -> None:
@@ -285,6 +294,7 @@ class StreamSession:
         last = self._last_stats
         latencies = list(self._latencies)
         encode = self.channel.encoder_stats()
+        watch = codecs.receiver_watch(self._video_track) if self._video_track else None
         errors = dict(self.engine_session.errors)
         if encode is not None and encode.errors:
             errors["encode"] = encode.errors
@@ -304,6 +314,7 @@ class StreamSession:
             errors=errors,
             repeats=self.channel.repeats,
             encode=encode.as_dict() if encode else {},
+            video_in=watch.as_dict() if watch else {},
         )
 
     @property

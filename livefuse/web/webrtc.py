@@ -112,6 +112,8 @@ async def answer(
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "video":
                 h264 = codecs.prefer_h264(transceiver)
+                # Before media flows: one PLI a second, decoding failures counted.
+                codecs.watch_receiver(transceiver.receiver)
         if video is not None:
             # A sender with H.264 gets the session's shared encode; one without (VP8
             # only) encodes the raw frames itself.
