@@ -18,7 +18,6 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable
 
 from livefuse.engines.backend import BackendUnavailable, select_backend
 from livefuse.engines.images import ImageError, read_image
@@ -96,7 +95,7 @@ async def _relay(
     ingest = Ingest(
         url=args.input,
         session=session,
-        on_end=lambda _: _call_soon(loop, ended.set),
+        on_end=lambda _: loop.call_soon_threadsafe(ended.set),
     )
     push = PushOutput(
         output_id="relay", url=args.output, channel=session.channel, loop=loop, bitrate_kbps=bitrate
@@ -126,10 +125,6 @@ async def _relay(
         await session.close()
         status.done(session, ingest, push)
     return EXIT_OK if ingest.state in ("ended", "closed") else EXIT_FAILURE
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
-    loop.call_soon_threadsafe(callback)
 
 
 class _StatusLine:

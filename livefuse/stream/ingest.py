@@ -90,7 +90,7 @@ class Ingest:
         url: str,
         session: StreamSession,
         reconnect_max_s: float = 30.0,
-        on_end: Callable[[Ingest], None] | None = None,
+        on_end: Callable[[Ingest], object] | None = None,
     ) -> None:
         self.scheme = check_url(url, schemes=INGEST_SCHEMES)
         self.url = url

@@ -16,7 +16,7 @@ from aiohttp import web
 from livefuse.engines.pipeline import FacePipeline
 from livefuse.settings import Settings
 from livefuse.stream.quality import QUALITY_MODES
-from livefuse.web import ice, webrtc
+from livefuse.web import ice, relay_api, webrtc
 from livefuse.web import metrics as metrics_module
 from livefuse.web import sources as sources_module
 from livefuse.web.errors import ApiError, json_error, sdp_error
@@ -208,7 +208,7 @@ async def _get_session(request: web.Request) -> web.Response:
 
 
 async def _patch_session(request: web.Request) -> web.Response:
-    """Change a live session's source, quality, on/off or faces; applies from the next
+    """Change a live session's source, quality, on/off, faces or label; applies from the next
     frame, with no renegotiation. All fields are checked before any is applied."""
     service = request.app[SERVICE_KEY]
     session = _session_or_404(service, request.match_info["id"])
@@ -220,7 +220,7 @@ async def _patch_session(request: web.Request) -> web.Response:
         raise json_error(400, "bad_json", f"the body is not JSON: {error}") from error
     if not isinstance(body, dict):
         raise json_error(400, "bad_json", "the body must be a JSON object")
-    unknown = set(body) - {"source", "quality", "enabled", "faces"}
+    unknown = set(body) - {"source", "quality", "enabled", "faces", "label"}
     if unknown:
         raise json_error(422, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
     source = session.source
@@ -241,6 +241,8 @@ async def _patch_session(request: web.Request) -> web.Response:
         raise json_error(422, "bad_enabled", "enabled must be true or false")
     if "faces" in body and body["faces"] not in webrtc.FACE_SELECTIONS:
         raise json_error(422, "bad_faces", "faces must be all or largest")
+    if "label" in body and not isinstance(body["label"], bool):
+        raise json_error(422, "bad_label", "label must be true or false")
     live = session.stream.engine_session
     if "source" in body:
         session.source = source
@@ -251,6 +253,8 @@ async def _patch_session(request: web.Request) -> web.Response:
         live.enabled = body["enabled"]
     if "faces" in body:
         live.face_selection = body["faces"]
+    if "label" in body:
+        live.label = body["label"]
     return web.json_response(session.as_dict())
 
 
@@ -296,7 +300,20 @@ def create_app(settings: Settings, *, face_pipeline: FacePipeline | None = None)
     app.router.add_get("/api/v1/sessions", _list_sessions)
     app.router.add_get("/api/v1/sessions/{id}", _get_session)
     app.router.add_patch("/api/v1/sessions/{id}", _patch_session)
+    # The broadcast relay (web/relay_api.py): ingests, RTMP pushes, named streams.
+    app.router.add_post("/api/v1/ingests", _with_service(relay_api.ingest_post))
+    app.router.add_get("/api/v1/ingests", _with_service(relay_api.ingest_list))
+    app.router.add_get("/api/v1/ingests/{id}", _with_service(relay_api.ingest_get))
+    app.router.add_delete("/api/v1/ingests/{id}", _with_service(relay_api.ingest_delete))
+    for outputs in ("/api/v1/sessions/{id}/outputs", "/api/v1/streams/{id}/outputs"):
+        app.router.add_post(outputs, _with_service(relay_api.output_post))
+        app.router.add_get(outputs, _with_service(relay_api.output_list))
+        app.router.add_delete(outputs + "/{output}", _with_service(relay_api.output_delete))
+    app.router.add_get("/api/v1/streams", _with_service(relay_api.stream_list))
+    # `/whip` and `/whip/` publish a session of its own; `/whip/NAME` a named stream.
     app.router.add_post("/whip", _with_service(webrtc.whip_post))
+    app.router.add_post("/whip/", _with_service(webrtc.whip_post))
+    app.router.add_post("/whip/{name}", _with_service(webrtc.whip_post))
     app.router.add_patch("/whip/{session}", _with_service(webrtc.whip_patch))
     app.router.add_delete("/whip/{session}", _with_service(webrtc.whip_delete))
     app.router.add_post("/whep/{session}", _with_service(webrtc.whep_post))

@@ -1,16 +1,23 @@
 """The service's state: the frame engine, sources, live sessions and their viewers.
 
 One `Service` per app. The models are loaded once into the process's one `FrameEngine`,
-which every session's frames go through; each WHIP publisher gets a `LiveSession` (its
-peer connection, its `StreamSession`, its WHEP viewers). Ending a session, for whatever
-reason (DELETE, the peer's connection failing, no video for a while, shutdown), goes
-through `end_session`, which closes everything it owns exactly once.
+which every session's frames go through. Each publisher (a WHIP peer, or an FFmpeg ingest)
+gets a `LiveSession` (its peer connection or ingest, its `StreamSession`). What it
+publishes goes to a `Broadcast`: the channel its viewers (WHEP) and pushes (RTMP) read.
+An unnamed session's broadcast is its own and ends with it; a named stream's (`/whip/NAME`)
+belongs to the name, so its viewers and pushes carry on across publisher restarts.
+Ending a session, for whatever reason (DELETE, the peer's connection failing, no video
+for a while, shutdown), goes through `end_session`, which closes everything it owns
+exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -23,7 +30,10 @@ from livefuse.engines.pipeline import FacePipeline, FaceSelection
 from livefuse.engines.store import ModelError
 from livefuse.settings import Settings
 from livefuse.stream import codecs
+from livefuse.stream.channel import Channel
 from livefuse.stream.engine import FrameEngine
+from livefuse.stream.ingest import Ingest
+from livefuse.stream.push import PushOutput
 from livefuse.stream.quality import QualityMode
 from livefuse.stream.session import SessionStats, StreamSession
 from livefuse.stream.startup import load_pipeline, start_engine
@@ -38,20 +48,61 @@ RETRY_AFTER_BUSY_S = 10
 RETRY_AFTER_STARTING_S = 5
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""A stream name: what goes in /whip/NAME, /whep/NAME and /watch/NAME."""
+
+
+@dataclass
+class Broadcast:
+    """A channel's audience: its WHEP viewers and RTMP pushes, and the session that
+    publishes into it now (None between two publishers of a named stream)."""
+
+    key: str
+    """The stream's name, or its one session's id."""
+    channel: Channel
+    named: bool
+    viewers: dict[str, RTCPeerConnection] = field(default_factory=dict)
+    outputs: dict[str, PushOutput] = field(default_factory=dict)
+    publisher: str | None = None
+
+    @property
+    def idle(self) -> bool:
+        return self.publisher is None and not self.viewers and not self.outputs
+
+    def outputs_dict(self) -> list[dict[str, Any]]:
+        return [output.stats().as_dict() for output in self.outputs.values()]
+
+
 @dataclass
 class LiveSession:
     id: str
     stream: StreamSession
-    pc: RTCPeerConnection
+    broadcast: Broadcast
     source: Source | None
     mode: str
-    """"sendrecv" (the processed video goes back to the publisher too) or "sendonly"."""
-    viewers: dict[str, RTCPeerConnection] = field(default_factory=dict)
+    """"sendrecv" (the processed video goes back to the publisher too), "sendonly", or
+    "ingest" (an FFmpeg feed: `ingest`, no peer connection)."""
+    pc: RTCPeerConnection | None = None
+    ingest: Ingest | None = None
     created: float = field(default_factory=time.time)
 
     @property
+    def name(self) -> str | None:
+        return self.broadcast.key if self.broadcast.named else None
+
+    @property
+    def viewers(self) -> dict[str, RTCPeerConnection]:
+        return self.broadcast.viewers
+
+    @property
     def viewer_count(self) -> int:
-        return len(self.viewers)
+        return len(self.broadcast.viewers)
+
+    @property
+    def connection(self) -> str:
+        if self.pc is not None:
+            return self.pc.connectionState
+        return self.ingest.state if self.ingest is not None else "new"
 
     def stats(self) -> SessionStats:
         return self.stream.stats()
@@ -64,12 +115,16 @@ class LiveSession:
             "quality": settings.quality,
             "enabled": settings.enabled,
             "faces": settings.face_selection,
+            "label": settings.label,
             "mode": self.mode,
+            "name": self.name,
             "viewers": self.viewer_count,
             "created": self.created,
-            "connection": self.pc.connectionState,
-            "whep": f"/whep/{self.id}",
-            "watch": f"/watch/{self.id}",
+            "connection": self.connection,
+            "whep": f"/whep/{self.broadcast.key}",
+            "watch": f"/watch/{self.broadcast.key}",
+            "ingest": self.ingest.stats().as_dict() if self.ingest is not None else None,
+            "outputs": self.broadcast.outputs_dict(),
             "stats": self.stats().as_dict(),
         }
 
@@ -93,6 +148,8 @@ class Service:
         self.sources = SourceStore(limit=settings.max_sources)
         self.preparer = SourcePreparer()
         self.sessions: dict[str, LiveSession] = {}
+        self.broadcasts: dict[str, Broadcast] = {}
+        """Named streams, by name (an unnamed session's broadcast hangs off it alone)."""
         self.metrics = Metrics(
             sessions=lambda: list(self.sessions.values()),
             ready=lambda: self.ready,
@@ -142,6 +199,12 @@ class Service:
             *self._ending.values(),
             *self._background,
             return_exceptions=True,
+        )
+        # Named streams between publishers still have viewers and pushes to end.
+        broadcasts = list(self.broadcasts.values())
+        self.broadcasts.clear()
+        await asyncio.gather(
+            *(self._close_broadcast(b) for b in broadcasts), return_exceptions=True
         )
         self.preparer.close()
         self.ready = False
@@ -198,23 +261,163 @@ class Service:
         return RTCPeerConnection(RTCConfiguration(iceServers=servers))
 
     def new_stream(
-        self, session_id: str, *, quality: QualityMode, face_selection: FaceSelection
+        self,
+        session_id: str,
+        *,
+        quality: QualityMode,
+        face_selection: FaceSelection,
+        broadcast: Broadcast | None = None,
+        idle_timeout_s: float | None = None,
     ) -> StreamSession:
+        """The session's stream, publishing into `broadcast`'s channel when it has one
+        (a named stream) or a channel of its own."""
         assert self.engine is not None, "sessions start once the service is ready"
         return StreamSession(
             session_id=session_id,
             engine=self.engine,
             loop=asyncio.get_running_loop(),
-            idle_timeout_s=self.settings.idle_timeout_s,
+            idle_timeout_s=idle_timeout_s or self.settings.idle_timeout_s,
             quality=quality,
             face_selection=face_selection,
+            label=self.settings.label_default,
             on_frame=self.metrics.frame,
             on_idle=lambda stream: self.schedule_end(stream.id, reason="no video"),
+            channel=broadcast.channel if broadcast is not None else None,
         )
+
+    # -- broadcasts: named streams, viewers, pushes ---------------------------------------
+
+    def find_broadcast(self, key: str) -> Broadcast | None:
+        """A named stream by name, or a session's broadcast by the session's id."""
+        if key in self.broadcasts:
+            return self.broadcasts[key]
+        session = self.sessions.get(key)
+        return session.broadcast if session is not None else None
+
+    async def claim_name(self, name: str) -> Broadcast:
+        """The named stream's broadcast for a new publisher: made if new; 409 while
+        another publisher is live on it. A publisher silent for `publisher_gone_s` (OBS
+        killed, a network gone) is ended and replaced."""
+        broadcast = self.broadcasts.get(name)
+        if broadcast is None:
+            broadcast = Broadcast(
+                key=name, channel=Channel(loop=asyncio.get_running_loop(), name=name), named=True
+            )
+            self.broadcasts[name] = broadcast
+            return broadcast
+        current = self.sessions.get(broadcast.publisher) if broadcast.publisher else None
+        if current is not None:
+            silent_s = time.monotonic() - current.stream.last_input
+            if silent_s < self.settings.publisher_gone_s:
+                raise sdp_error(
+                    409,
+                    "name_in_use",
+                    f"the stream {name!r} is live from another publisher; end that one first "
+                    "(DELETE its session) or publish under another name",
+                )
+            await self.end_session(current.id, reason=f"replaced after {silent_s:.0f} s silent")
+        return broadcast
+
+    async def start_ingest(
+        self,
+        *,
+        url: str,
+        name: str | None,
+        source: Source | None,
+        quality: QualityMode,
+        face_selection: FaceSelection,
+    ) -> LiveSession:
+        """A session fed by an FFmpeg ingest of `url` (checked by the caller): it counts
+        against the session limit like a WHIP publisher, and stays up while a live feed
+        reconnects; a file that ends ends it."""
+        broadcast = await self.claim_name(name) if name is not None else None
+        try:
+            self.reserve_session()
+        except BaseException:
+            if broadcast is not None:
+                await self.forget_if_idle(broadcast)
+            raise
+        session_id = self.new_id()
+        loop = asyncio.get_running_loop()
+        try:
+            stream = self.new_stream(
+                session_id,
+                quality=quality,
+                face_selection=face_selection,
+                broadcast=broadcast,
+                # A feed that drops is retried: its silence does not end the session.
+                idle_timeout_s=math.inf,
+            )
+            stream.engine_session.source = source.face if source else None
+            ingest = Ingest(
+                url=url,
+                session=stream,
+                on_end=lambda _: loop.call_soon_threadsafe(
+                    functools.partial(self.schedule_end, session_id, reason="the feed ended")
+                ),
+            )
+        except BaseException:
+            self.release_reservation()
+            if broadcast is not None:
+                await self.forget_if_idle(broadcast)
+            raise
+        self.release_reservation()
+        session = LiveSession(
+            id=session_id,
+            stream=stream,
+            broadcast=broadcast or self.own_broadcast(session_id, stream),
+            source=source,
+            mode="ingest",
+            ingest=ingest,
+        )
+        self.add_session(session)
+        ingest.start()
+        return session
+
+    def own_broadcast(self, session_id: str, stream: StreamSession) -> Broadcast:
+        """An unnamed session's broadcast: its own channel, ended with it."""
+        return Broadcast(key=session_id, channel=stream.channel, named=False)
 
     def add_session(self, session: LiveSession) -> None:
         self.sessions[session.id] = session
+        session.broadcast.publisher = session.id
         self.metrics.sessions_started.inc()
+
+    async def add_output(self, broadcast: Broadcast, *, url: str, bitrate_kbps: int) -> PushOutput:
+        """Start pushing `broadcast` to an RTMP(S) URL (FeedUrlError for one it cannot)."""
+        output = PushOutput(
+            output_id=self.new_id(),
+            url=url,
+            channel=broadcast.channel,
+            loop=asyncio.get_running_loop(),
+            bitrate_kbps=bitrate_kbps,
+        )
+        broadcast.outputs[output.id] = output
+        output.start()
+        return output
+
+    async def remove_output(self, broadcast: Broadcast, output_id: str) -> bool:
+        output = broadcast.outputs.pop(output_id, None)
+        if output is None:
+            return False
+        await output.close()
+        await self.forget_if_idle(broadcast)
+        return True
+
+    async def _close_broadcast(self, broadcast: Broadcast) -> None:
+        outputs, viewers = list(broadcast.outputs.values()), list(broadcast.viewers.values())
+        broadcast.outputs.clear()
+        broadcast.viewers.clear()
+        await asyncio.gather(
+            *(output.close() for output in outputs), *(close_peer(pc) for pc in viewers)
+        )
+        await broadcast.channel.close()
+
+    async def forget_if_idle(self, broadcast: Broadcast) -> None:
+        """A named stream with no publisher, viewer or push left goes away."""
+        if broadcast.named and broadcast.idle and self.broadcasts.get(broadcast.key) is broadcast:
+            del self.broadcasts[broadcast.key]
+            await broadcast.channel.close()
 
     def keep(self, task: asyncio.Task[Any]) -> None:
         """Hold a fire-and-forget task until it is done (the loop keeps only weak refs)."""
@@ -250,20 +453,29 @@ class Service:
             sum(stats.errors.values()),
             session.viewer_count,
         )
+        if session.ingest is not None:
+            await asyncio.to_thread(session.ingest.close)
         await session.stream.close()
-        await asyncio.gather(
-            *(close_peer(pc) for pc in session.viewers.values()), close_peer(session.pc)
-        )
-        session.viewers.clear()
+        if session.pc is not None:
+            await close_peer(session.pc)
+        broadcast = session.broadcast
+        if broadcast.publisher == session.id:
+            broadcast.publisher = None
+        if not broadcast.named or self._stopping:
+            await self._close_broadcast(broadcast)
+            self.broadcasts.pop(broadcast.key, None)
+        else:
+            await self.forget_if_idle(broadcast)
         return True
 
-    async def end_viewer(self, session_id: str, viewer_id: str) -> bool:
-        session = self.sessions.get(session_id)
-        pc = session.viewers.pop(viewer_id, None) if session else None
-        if pc is None:
+    async def end_viewer(self, key: str, viewer_id: str) -> bool:
+        broadcast = self.find_broadcast(key)
+        pc = broadcast.viewers.pop(viewer_id, None) if broadcast else None
+        if broadcast is None or pc is None:
             return False
-        log.info("event=viewer_end session=%s viewer=%s", session_id, viewer_id)
+        log.info("event=viewer_end stream=%s viewer=%s", key, viewer_id)
         await close_peer(pc)
+        await self.forget_if_idle(broadcast)
         return True
 
 

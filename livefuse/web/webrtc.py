@@ -23,7 +23,7 @@ from livefuse.stream.quality import QUALITY_MODES
 from livefuse.stream.shared_encode import EncodedVideoTrack
 from livefuse.web import ice
 from livefuse.web.errors import ApiError, sdp_error
-from livefuse.web.service import LiveSession, close_peer
+from livefuse.web.service import NAME_PATTERN, Broadcast, LiveSession, close_peer
 
 if TYPE_CHECKING:
     from livefuse.web.service import Service
@@ -33,6 +33,8 @@ log = logging.getLogger("livefuse.webrtc")
 SDP_TYPE = "application/sdp"
 SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
 FACE_SELECTIONS = ("all", "largest")
+# `?label=` on a WHIP URL: burn the disclosure label into the session's video, or not.
+LABEL_VALUES = {"1": True, "true": True, "0": False, "false": False}
 
 
 async def read_sdp_body(request: web.Request, *, max_bytes: int, content_type: str) -> str:
@@ -155,20 +157,40 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
     face_selection = request.query.get("faces", "all")
     if face_selection not in FACE_SELECTIONS:
         raise sdp_error(422, "bad_faces", "faces must be all or largest")
+    label = request.query.get("label")
+    if label is not None and label not in LABEL_VALUES:
+        raise sdp_error(422, "bad_label", "label must be 1 or 0 (or true or false)")
     direction = video_direction(description)
     if direction not in ("sendonly", "sendrecv"):
         raise sdp_error(400, "bad_direction", f"a WHIP offer must send video (it is {direction})")
 
-    service.reserve_session()
+    name = request.match_info.get("name")
+    if name is not None and not NAME_PATTERN.fullmatch(name):
+        raise sdp_error(400, "bad_name", "a stream name is 1 to 64 letters, digits, '-' or '_'")
+    # A named stream: its broadcast (viewers, pushes) is the name's; 409 while live.
+    broadcast = await service.claim_name(name) if name is not None else None
+    try:
+        service.reserve_session()
+    except BaseException:
+        if broadcast is not None:
+            await service.forget_if_idle(broadcast)
+        raise
     session_id = service.new_id()
     try:
         stream = service.new_stream(
-            session_id, quality=quality, face_selection=cast(FaceSelection, face_selection)
+            session_id,
+            quality=quality,
+            face_selection=cast(FaceSelection, face_selection),
+            broadcast=broadcast,
         )
     except BaseException:
         service.release_reservation()
+        if broadcast is not None:
+            await service.forget_if_idle(broadcast)
         raise
     stream.engine_session.source = source.face if source else None
+    if label is not None:  # else the server's default (`label_default`)
+        stream.engine_session.label = LABEL_VALUES[label]
     pc = service.new_peer_connection()
     try:
 
@@ -187,11 +209,14 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
         service.release_reservation()
         await stream.close()
         await close_peer(pc)
+        if broadcast is not None:
+            await service.forget_if_idle(broadcast)
         raise
     service.release_reservation()
     session = LiveSession(
         id=session_id,
         stream=stream,
+        broadcast=broadcast or service.own_broadcast(session_id, stream),
         pc=pc,
         source=source,
         mode="sendrecv" if direction == "sendrecv" else "sendonly",
@@ -205,8 +230,9 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
 
     location = f"/whip/{session_id}"
     log.info(
-        "event=session_start session=%s mode=%s source=%s quality=%s",
+        "event=session_start session=%s name=%s mode=%s source=%s quality=%s",
         session_id,
+        name or "-",
         session.mode,
         source.id if source else "none",
         quality,
@@ -293,48 +319,55 @@ async def trickle(
 async def whip_patch(request: web.Request, service: Service) -> web.Response:
     session_id = request.match_info["session"]
     session = _session_or_404(service, session_id)
+    if session.pc is None:
+        raise sdp_error(
+            405, "not_webrtc", f"session {session_id!r} is an ingest: no ICE to trickle"
+        )
     return await trickle(request, service, session.pc, etag_for(session_id))
 
 
 async def whep_post(request: web.Request, service: Service) -> web.Response:
+    """A viewer of a named stream (following whoever publishes there) or of a session."""
     settings = service.settings
-    session_id = request.match_info["session"]
+    key = request.match_info["session"]
     offer_sdp = await read_sdp_body(
         request, max_bytes=settings.max_sdp_bytes, content_type=SDP_TYPE
     )
     description = parse_offer(offer_sdp)
-    session = _session_or_404(service, session_id)
+    broadcast = _broadcast_or_404(service, key)
     if video_direction(description) not in ("recvonly", "sendrecv"):
         raise sdp_error(400, "bad_direction", "a WHEP offer must receive video (recvonly)")
-    if session.viewer_count >= settings.max_viewers:
+    if len(broadcast.viewers) >= settings.max_viewers:
         service.metrics.refused.labels(reason="viewers").inc()
         raise sdp_error(
             503,
             "too_many_viewers",
-            f"this session already has its limit of {settings.max_viewers} viewers",
+            f"this stream already has its limit of {settings.max_viewers} viewers",
             headers={"Retry-After": "10"},
         )
     pc = service.new_peer_connection()
     viewer_id = service.new_id()
     try:
         send: list[MediaStreamTrack] = []
-        audio = session.stream.audio_output()
-        if audio is not None and any(m.kind == "audio" for m in description.media):
-            send.append(audio)
-        answer_sdp = await answer(pc, offer_sdp, video=session.stream.video_output, send=send)
+        publisher = service.sessions.get(broadcast.publisher or "")
+        # A named stream's next publisher may bring audio even if this one has none.
+        with_audio = broadcast.named or (publisher is not None and publisher.stream.has_audio)
+        if with_audio and any(m.kind == "audio" for m in description.media):
+            send.append(broadcast.channel.audio_output())
+        answer_sdp = await answer(pc, offer_sdp, video=broadcast.channel.video_output, send=send)
     except BaseException:
         await close_peer(pc)
         raise
-    if session.stream.closed:  # it ended while we negotiated
+    if broadcast.channel.closed:  # it ended while we negotiated
         await close_peer(pc)
-        raise sdp_error(404, "unknown_session", f"no live session {session_id!r}")
-    session.viewers[viewer_id] = pc
-    log.info("event=viewer_start session=%s viewer=%s", session_id, viewer_id)
+        raise sdp_error(404, "unknown_stream", f"nothing is published as {key!r}")
+    broadcast.viewers[viewer_id] = pc
+    log.info("event=viewer_start stream=%s viewer=%s", key, viewer_id)
 
     @pc.on("connectionstatechange")
     def on_state() -> None:
         if pc.connectionState in ("failed", "closed"):
-            task = asyncio.get_running_loop().create_task(service.end_viewer(session_id, viewer_id))
+            task = asyncio.get_running_loop().create_task(service.end_viewer(key, viewer_id))
             service.keep(task)
 
     return web.Response(
@@ -342,11 +375,22 @@ async def whep_post(request: web.Request, service: Service) -> web.Response:
         text=answer_sdp,
         content_type=SDP_TYPE,
         headers={
-            "Location": f"/whep/{session_id}/{viewer_id}",
+            "Location": f"/whep/{key}/{viewer_id}",
             "ETag": etag_for(viewer_id),
             **_ice_server_links(service),
         },
     )
+
+
+def _broadcast_or_404(service: Service, key: str) -> Broadcast:
+    broadcast = service.find_broadcast(key)
+    if broadcast is None or broadcast.channel.closed:
+        raise sdp_error(
+            404,
+            "unknown_stream",
+            f"nothing is published as {key!r} (no live session or named stream of that name)",
+        )
+    return broadcast
 
 
 async def whep_delete(request: web.Request, service: Service) -> web.Response:
@@ -357,9 +401,8 @@ async def whep_delete(request: web.Request, service: Service) -> web.Response:
 
 
 async def whep_patch(request: web.Request, service: Service) -> web.Response:
-    session_id, viewer_id = request.match_info["session"], request.match_info["viewer"]
-    session = _session_or_404(service, session_id)
-    pc = session.viewers.get(viewer_id)
+    key, viewer_id = request.match_info["session"], request.match_info["viewer"]
+    pc = _broadcast_or_404(service, key).viewers.get(viewer_id)
     if pc is None:
-        raise sdp_error(404, "unknown_viewer", f"no viewer {viewer_id!r} on {session_id!r}")
+        raise sdp_error(404, "unknown_viewer", f"no viewer {viewer_id!r} on {key!r}")
     return await trickle(request, service, pc, etag_for(viewer_id))
