@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(default=15.0, gt=0)
     """A session whose publisher sends no video for this long is ended (a vanished peer)."""
 
+    label_default: bool = False
+    """Burn a small "AI-generated" label into the video of every session that does not
+    say otherwise (WHIP `?label=0|1`, PATCH `label`): for relays that must disclose
+    synthetic media (`livefuse serve --label`)."""
+
     swapper: Literal["mesh", "inswapper"] = "mesh"
     """The service's face swapper: the embedded mesh swapper, or inswapper_128 + ArcFace
     (bring your own: `livefuse models pull`)."""

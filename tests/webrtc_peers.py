@@ -249,9 +249,10 @@ async def publish(
     direction: str = "sendrecv",
     quality: str | None = None,
     audio: bool = False,
+    label: str | None = None,
 ) -> Peer:
     """A WHIP publisher; with sendrecv, what comes back is collected. `audio` adds a
-    microphone (aiortc's silent audio track)."""
+    microphone (aiortc's silent audio track); `label` is the `?label=` of the WHIP URL."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     track = FramesTrack(frames)
     pc.addTransceiver(track, direction=direction)
@@ -265,7 +266,7 @@ async def publish(
         if remote.kind == "video":
             peer.tasks.append(asyncio.ensure_future(_collect(remote, received)))
 
-    params = {"source": source, "quality": quality}
+    params = {"source": source, "quality": quality, "label": label}
     query = "&".join(f"{k}={v}" for k, v in params.items() if v)
     peer.location, peer.answer, peer.etag = await _post_offer(
         http, f"{base}/whip?{query}", pc, token

@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow listening beyond loopback without a token",
     )
+    serve.add_argument(
+        "--label",
+        action="store_true",
+        default=None,
+        help="burn an 'AI-generated' label into every session's video unless it asks "
+        "otherwise (?label=0, PATCH label)",
+    )
     return parser
 
 

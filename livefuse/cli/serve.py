@@ -46,6 +46,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ("port", args.port),
             ("token", args.token),
             ("max_sessions", args.max_sessions),
+            ("label_default", args.label),
         )
         if value is not None
     }

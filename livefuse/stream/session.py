@@ -122,6 +122,7 @@ class StreamSession:
         idle_timeout_s: float,
         quality: QualityMode = "auto",
         face_selection: FaceSelection = "all",
+        label: bool = False,
         on_frame: Callable[[FrameStats], None] | None = None,
         on_idle: Callable[[StreamSession], None] | None = None,
         channel: Channel | None = None,
@@ -153,8 +154,9 @@ class StreamSession:
             face_selection=face_selection,
             session_id=session_id,
         )
-        """This stream's place in the engine: its source, quality, on/off and faces are
-        the settings a user changes while streaming."""
+        """This stream's place in the engine: its source, quality, on/off, faces and
+        disclosure label are the settings a user changes while streaming."""
+        self.engine_session.label = label
         self._start(self._watch_idle(), "idle")
 
     # -- inputs -------------------------------------------------------------------------
