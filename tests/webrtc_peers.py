@@ -250,9 +250,11 @@ async def publish(
     quality: str | None = None,
     audio: bool = False,
     label: str | None = None,
+    name: str | None = None,
 ) -> Peer:
     """A WHIP publisher; with sendrecv, what comes back is collected. `audio` adds a
-    microphone (aiortc's silent audio track); `label` is the `?label=` of the WHIP URL."""
+    microphone (aiortc's silent audio track); `label` is the `?label=` of the WHIP URL;
+    `name` publishes the named stream `/whip/NAME`."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     track = FramesTrack(frames)
     pc.addTransceiver(track, direction=direction)
@@ -269,7 +271,7 @@ async def publish(
     params = {"source": source, "quality": quality, "label": label}
     query = "&".join(f"{k}={v}" for k, v in params.items() if v)
     peer.location, peer.answer, peer.etag = await _post_offer(
-        http, f"{base}/whip?{query}", pc, token
+        http, f"{base}/whip{'/' + name if name else ''}?{query}", pc, token
     )
     return peer
 
@@ -282,10 +284,12 @@ async def watch(
     token: str | None,
     codecs: Sequence[str] | None = None,
     rtp: bool = False,
+    configuration: RTCConfiguration | None = None,
 ) -> Peer:
     """A WHEP viewer of a session (video and audio). `codecs` (e.g. ["VP8"]) narrows the
-    video formats it offers; `rtp` logs the video as it arrives (`Peer.rtp`)."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    video formats it offers; `rtp` logs the video as it arrives (`Peer.rtp`);
+    `configuration` gives it ICE servers (default: none, host candidates only)."""
+    pc = RTCPeerConnection(configuration or RTCConfiguration(iceServers=[]))
     video = pc.addTransceiver("video", direction="recvonly")
     if codecs is not None:
         wanted = {f"video/{name}".lower() for name in codecs}
