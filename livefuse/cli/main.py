@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument(
         "--seconds", type=float, default=None, help="stop after this long (default: until ended)"
     )
+    relay.add_argument(
+        "--label", action="store_true", help="burn an 'AI-generated' label into the video"
+    )
     _add_backend(relay)
 
     serve = commands.add_parser(
@@ -169,7 +172,36 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
     _add_backend(serve)
     serve.add_argument("--max-sessions", type=int, default=None, metavar="N")
-    serve.add_argument("--token", default=None, metavar="T", help="Bearer token for the API")
+    serve.add_argument(
+        "--token", default=None, metavar="T", help="the admin Bearer token (allowed everywhere)"
+    )
+    serve.add_argument(
+        "--publish-token",
+        action="append",
+        default=None,
+        metavar="T",
+        help="a token for publishers (WHIP, sources, sessions); repeatable",
+    )
+    serve.add_argument(
+        "--view-token",
+        action="append",
+        default=None,
+        metavar="T",
+        help="a token for viewers (WHEP and the watch page only); repeatable",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve /metrics without a token on --metrics-host:PORT (for Prometheus)",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="HOST",
+        help="address of the /metrics listener (default 127.0.0.1)",
+    )
     serve.add_argument(
         "--insecure",
         action="store_true",

@@ -90,6 +90,7 @@ async def _relay(
         idle_timeout_s=float("inf"),
         quality=args.quality,
         face_selection=args.faces,
+        label=args.label,
     )
     session.engine_session.source = source
     ingest = Ingest(

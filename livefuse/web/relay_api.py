@@ -1,6 +1,6 @@
 """The broadcast relay's HTTP surface: pull ingests, RTMP pushes, named streams.
 
-- `POST /api/v1/ingests {"url", "name"?, "source"?, "quality"?, "faces"?}` starts a
+- `POST /api/v1/ingests {"url", "name"?, "source"?, "quality"?, "faces"?, "label"?}` starts a
   session fed by FFmpeg from the URL; `GET /api/v1/ingests[/{id}]`, `DELETE` ends it.
 - `POST /api/v1/sessions/{id}/outputs {"url", "bitrate_kbps"?}` pushes a session's
   swapped video and audio to an RTMP(S) ingest; `{id}` may also be a stream name
@@ -66,7 +66,7 @@ def _as_json(error: ApiError) -> ApiError:
 
 
 async def ingest_post(request: web.Request, service: Service) -> web.Response:
-    body = await _json_body(request, {"url", "name", "source", "quality", "faces"})
+    body = await _json_body(request, {"url", "name", "source", "quality", "faces", "label"})
     url = _url(body, INGEST_SCHEMES)
     name = body.get("name")
     if name is not None and (not isinstance(name, str) or not NAME_PATTERN.fullmatch(name)):
@@ -82,6 +82,9 @@ async def ingest_post(request: web.Request, service: Service) -> web.Response:
     faces = body.get("faces", "all")
     if faces not in _FACE_SELECTIONS:
         raise json_error(422, "bad_faces", "faces must be all or largest")
+    label = body.get("label", service.settings.label_default)
+    if not isinstance(label, bool):
+        raise json_error(422, "bad_label", "label must be true or false")
     try:
         service.require_ready()
         session = await service.start_ingest(
@@ -90,6 +93,7 @@ async def ingest_post(request: web.Request, service: Service) -> web.Response:
             source=source,
             quality=cast(QualityMode, quality),
             face_selection=cast(FaceSelection, faces),
+            label=label,
         )
     except ApiError as error:
         raise _as_json(error) from error

@@ -326,6 +326,7 @@ class Service:
         source: Source | None,
         quality: QualityMode,
         face_selection: FaceSelection,
+        label: bool,
     ) -> LiveSession:
         """A session fed by an FFmpeg ingest of `url` (checked by the caller): it counts
         against the session limit like a WHIP publisher, and stays up while a live feed
@@ -349,6 +350,7 @@ class Service:
                 idle_timeout_s=math.inf,
             )
             stream.engine_session.source = source.face if source else None
+            stream.engine_session.label = label
             ingest = Ingest(
                 url=url,
                 session=stream,

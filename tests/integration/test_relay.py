@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import http.server
+import io
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import av
 import cv2
 import numpy as np
 import pytest
@@ -557,3 +562,89 @@ def test_named_stream_viewer_keeps_playing_across_publisher_restarts(
         assert streams["streams"] == []
 
     run(scenario)
+
+
+# -- HTTP(S): a file, an HLS playlist ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def http_files(root: Path) -> Iterator[str]:
+    """A plain HTTP server of `root` on loopback (Python's own): the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, name="test-http", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def write_hls(feed: EncodedFeed, folder: Path) -> Path:
+    """The feed remuxed as an HLS playlist of 1 s segments."""
+    source = av.open(io.BytesIO(feed.flv), "r", format="flv")
+    playlist = folder / "index.m3u8"
+    target = av.open(
+        str(playlist),
+        "w",
+        format="hls",
+        options={"hls_time": "1", "hls_list_size": "0", "hls_playlist_type": "vod"},
+    )
+    streams = {s.index: target.add_stream_from_template(s) for s in source.streams}
+    for packet in source.demux():
+        if packet.dts is None:
+            continue
+        packet.stream = streams[packet.stream.index]
+        target.mux(packet)
+    target.close()
+    source.close()
+    return playlist
+
+
+def test_ingest_of_a_file_and_of_hls_over_http(
+    server: LiveServer, feed: EncodedFeed, source_bgr: np.ndarray, tmp_path: Path
+) -> None:
+    """A file over HTTP plays at its own pace and, once it ends, ends its session; an HLS
+    playlist goes live and swaps."""
+    (tmp_path / "clip.flv").write_bytes(feed.flv)
+    write_hls(feed, tmp_path)
+    base = server.base
+
+    async def scenario(http_client: aiohttp.ClientSession, files: str) -> None:
+        source = await upload(http_client, base, source_bgr)
+        url = f"{base}/api/v1/ingests"
+        body = {"url": f"{files}/clip.flv", "source": source, "quality": "fast"}
+        started = time.monotonic()
+        clip = await api(http_client, "POST", url, body, expect=201)
+        assert clip["ingest"]["live"] is False
+
+        async def ended() -> bool:
+            async with http_client.get(f"{url}/{clip['id']}", headers=AUTH) as response:
+                return response.status == 404
+
+        await poll(ended, within_s=60, what="the file's session did not end with the file")
+        # Paced: a 4 s file takes about 4 s, not the moment it takes to decode it.
+        assert time.monotonic() - started > feed.seconds * 0.7
+
+        body = {"url": f"{files}/index.m3u8", "source": source, "quality": "fast"}
+        hls = await api(http_client, "POST", url, body, expect=201)
+
+        async def swapping() -> bool:
+            state = await api(http_client, "GET", f"{url}/{hls['id']}", expect=200)
+            return bool(state["ingest"]["state"] == "live" and state["stats"]["swapped"])
+
+        await poll(swapping, within_s=60, what="the HLS ingest did not go live and swap")
+        await api(http_client, "DELETE", f"{url}/{hls['id']}", expect=204)
+
+    async def main() -> None:
+        with http_files(tmp_path) as files:
+            async with aiohttp.ClientSession() as http_client:
+                await scenario(http_client, files)
+
+    asyncio.run(main())
