@@ -16,7 +16,7 @@ from aiohttp import web
 from livefuse.engines.pipeline import FacePipeline
 from livefuse.settings import Settings
 from livefuse.stream.quality import QUALITY_MODES
-from livefuse.web import ice, relay_api, webrtc
+from livefuse.web import ice, pages, relay_api, webrtc
 from livefuse.web import metrics as metrics_module
 from livefuse.web import sources as sources_module
 from livefuse.web.errors import ApiError, json_error, sdp_error
@@ -289,6 +289,7 @@ def create_app(settings: Settings, *, face_pipeline: FacePipeline | None = None)
     app.on_shutdown.append(stop)
     app.router.add_get("/", _page)
     app.router.add_get("/watch/{session}", _page)
+    app.router.add_get("/favicon.ico", pages.favicon)
     app.router.add_static("/static/", STATIC_DIR, append_version=True)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -317,6 +318,7 @@ def create_app(settings: Settings, *, face_pipeline: FacePipeline | None = None)
     app.router.add_patch("/whip/{session}", _with_service(webrtc.whip_patch))
     app.router.add_delete("/whip/{session}", _with_service(webrtc.whip_delete))
     app.router.add_post("/whep/{session}", _with_service(webrtc.whep_post))
+    app.router.add_get("/whep/{session}", _with_service(pages.stream_state))  # for /watch
     app.router.add_patch("/whep/{session}/{viewer}", _with_service(webrtc.whep_patch))
     app.router.add_delete("/whep/{session}/{viewer}", _with_service(webrtc.whep_delete))
     return app

@@ -14,7 +14,9 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import cv2
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ from livefuse.settings import Settings
 from livefuse.stream.clip import write_clip
 from tests.identity import DlibRecognizer
 from tests.media import portrait, widescreen
-from tests.webrtc_peers import LiveServer, live_server
+from tests.webrtc_peers import LiveServer, Peer, live_server, publish
 
 pytestmark = pytest.mark.slow
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -164,11 +166,12 @@ def test_publisher_page_shows_swapped_video_and_viewer_plays_it(
             )
             assert len(server.service.sessions[session_id].viewers) == 1
 
-            # An address with no stream says so, in words.
+            # An address with no stream says so, in words, and waits for one.
             missing = context.new_page()
             missing.goto(f"{server.base}/watch/no-such-session")
             missing.wait_for_function(
-                "document.getElementById('message').textContent.includes('no live stream')",
+                "document.getElementById('message').textContent"
+                " === 'Waiting for no-such-session to go live…'",
                 timeout=15_000,
             )
             page.click("#stop")
@@ -238,6 +241,201 @@ def test_publisher_page_asks_for_the_token_in_words(
             page.click("#start")
             page.wait_for_function(
                 "Number(document.getElementById('stats').dataset.swapped || 0) >= 1",
+                timeout=60_000,
+            )
+            page.click("#stop")
+        finally:
+            browser.close()
+
+
+# -- the viewer page: a named stream across publishers, its token, the favicon -----------
+
+
+class PublisherThread:
+    """aiortc publishers run on an event loop of their own thread, beside Playwright's."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+async def _publish_named(base: str, picture: np.ndarray, name: str) -> Peer:
+    async with aiohttp.ClientSession() as http:
+        return await publish(http, base, [picture], token=None, direction="sendonly", name=name)
+
+
+async def _end(base: str, peer: Peer) -> None:
+    async with aiohttp.ClientSession() as http, http.delete(base + peer.location) as response:
+        assert response.status == 200
+    await peer.close()
+
+
+_SHOWN_PICTURE = """
+() => {
+  const video = document.getElementById("video");
+  if (!video.videoWidth) return null;
+  const canvas = document.createElement("canvas");
+  canvas.width = 64; canvas.height = 36;
+  const context = canvas.getContext("2d");
+  context.drawImage(video, 0, 0, 64, 36);
+  return Array.from(context.getImageData(0, 0, 64, 36).data);
+}
+"""
+
+
+def _showing(page: Any, pictures: list[np.ndarray]) -> int | None:
+    """Which of `pictures` the viewer's video shows now (None: no picture yet)."""
+    rgba = page.evaluate(_SHOWN_PICTURE)
+    if rgba is None:
+        return None
+    shown = np.array(rgba, dtype=float).reshape(36, 64, 4)[:, :, 2::-1]  # RGBA -> BGR
+    small = [cv2.resize(p, (64, 36), interpolation=cv2.INTER_AREA).astype(float) for p in pictures]
+    return int(np.argmin([np.abs(shown - s).mean() for s in small]))
+
+
+def test_viewer_page_waits_for_a_named_stream_and_follows_its_publishers(
+    server: LiveServer, media: tuple[Path, Path, list[int]], testdata_dir: Path
+) -> None:
+    """An OBS Browser Source set up before the stream starts: the page waits, plays the
+    first publisher, says no face is chosen (faces counted), and plays the next
+    publisher after the first one stops, by itself."""
+    from playwright.sync_api import sync_playwright
+    from skimage import data
+
+    astronaut = widescreen(np.ascontiguousarray(data.astronaut()[:, :, ::-1]))
+    group = cv2.imread(str(testdata_dir / "t1.jpg"))
+    assert group is not None
+    pictures = [cv2.resize(p, (640, 360), interpolation=cv2.INTER_AREA) for p in (astronaut, group)]
+    publishers = PublisherThread()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=chromium_path(),
+                args=["--autoplay-policy=no-user-gesture-required", "--no-sandbox"],
+            )
+            try:
+                page = browser.new_page()
+                icon = page.request.get(server.base + "/favicon.ico")
+                assert icon.ok and icon.headers["content-type"] == "image/svg+xml"
+                assert icon.text().startswith("<svg")
+                page.goto(f"{server.base}/watch/studio")
+                assert page.evaluate(
+                    "fetch(document.querySelector('link[rel=icon]').href).then(r => r.ok)"
+                )
+                page.wait_for_function(
+                    "document.getElementById('message').textContent"
+                    " === 'Waiting for studio to go live…'",
+                    timeout=15_000,
+                )
+                for index, picture in enumerate(pictures):
+                    peer = publishers.run(_publish_named(server.base, picture, "studio"))
+                    # No source: the video goes out as it came, its faces counted.
+                    page.wait_for_function(
+                        "document.getElementById('message').textContent.startsWith("
+                        "'No face chosen yet: the video goes out unswapped')"
+                        " && !/\\(0 faces/.test(document.getElementById('message').textContent)",
+                        timeout=30_000,
+                    )
+                    _wait_for(lambda i=index: _showing(page, pictures) == i, f"publisher {index}")
+                    publishers.run(_end(server.base, peer))
+                    page.wait_for_function(
+                        "document.getElementById('message').textContent.startsWith("
+                        "'Waiting for studio to go live')"
+                        " || document.getElementById('message').textContent.startsWith("
+                        "'The stream was interrupted')",
+                        timeout=30_000,
+                    )
+            finally:
+                browser.close()
+    finally:
+        publishers.close()
+
+
+def test_viewer_page_takes_its_token_typed_in_or_in_the_address(settings: Settings) -> None:
+    from playwright.sync_api import sync_playwright
+
+    token = "viewer-token-73"
+    with (
+        live_server(settings.model_copy(update={"token": token})) as live,
+        sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{live.base}/watch/studio")
+            page.wait_for_selector("#token-form:not([hidden])", timeout=15_000)
+            assert "needs an access token" in (page.text_content("#message") or "")
+            page.fill("#token", "not-it")
+            page.click("#token-form button")
+            page.wait_for_function(
+                "document.getElementById('message').textContent.includes('not accepted')",
+                timeout=15_000,
+            )
+            page.fill("#token", token)
+            page.click("#token-form button")
+            # Let in: nobody publishes there yet, which the page now says.
+            page.wait_for_function(
+                "document.getElementById('message').textContent"
+                " === 'Waiting for studio to go live…'",
+                timeout=15_000,
+            )
+            assert page.is_hidden("#token-form")
+
+            linked = browser.new_page()
+            linked.goto(f"{live.base}/watch/studio#token={token}")
+            linked.wait_for_function(
+                "document.getElementById('message').textContent"
+                " === 'Waiting for studio to go live…'",
+                timeout=15_000,
+            )
+            assert linked.is_hidden("#token-form")
+        finally:
+            browser.close()
+
+
+def test_publisher_page_without_a_face_says_so_and_counts_the_faces(
+    server: LiveServer, media: tuple[Path, Path, list[int]]
+) -> None:
+    """Was: "faces 0" with a face on camera, until a photo was chosen."""
+    from playwright.sync_api import sync_playwright
+
+    clip, source, _ = media
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(),
+            args=[
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-video-capture={clip}",
+                "--no-sandbox",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server.base + "/")
+            page.click("#start")
+            page.wait_for_function(
+                "document.getElementById('stats').textContent.includes("
+                "'faces 1  no source yet: choose a photo')",
+                timeout=60_000,
+            )
+            page.set_input_files("#source-file", str(source))
+            page.wait_for_function(
+                "document.getElementById('stats').textContent.includes('faces 1  swapped 1')",
                 timeout=60_000,
             )
             page.click("#stop")

@@ -171,13 +171,17 @@
     if (!state.session) return;
     try {
       const response = await LiveFuse.api("GET", "/api/v1/sessions/" + state.session);
-      const s = (await response.json()).stats;
+      const session = await response.json();
+      const s = session.stats;
       const errors = Object.entries(s.errors).map(([k, v]) => `${k} ${v}`).join(", ") || "none";
+      // Faces are counted whether or not they are swapped: say why none are.
+      const swapped = session.source === null ? "no source yet: choose a photo"
+        : !session.enabled ? "swapping off" : `swapped ${s.swapped}`;
       $("stats").textContent =
         `fps in ${s.fps_in.toFixed(1)}  out ${s.fps_out.toFixed(1)}\n` +
         `latency p50 ${s.latency_ms.p50.toFixed(0)} ms  p95 ${s.latency_ms.p95.toFixed(0)} ms\n` +
         `quality ${s.quality} (${s.quality_mode})\n` +
-        `faces ${s.faces}  swapped ${s.swapped}\n` +
+        `faces ${s.faces}  ${swapped}\n` +
         `dropped ${s.dropped_frames}  errors ${errors}`;
       $("stats").dataset.swapped = String(s.swapped);
     } catch (error) {
