@@ -40,6 +40,7 @@ from livefuse.stream.startup import load_pipeline, start_engine
 from livefuse.web.errors import sdp_error
 from livefuse.web.ice import ice_servers
 from livefuse.web.metrics import Metrics
+from livefuse.web.relay_metrics import RelayCollector
 from livefuse.web.sources import Source, SourcePreparer, SourceStore
 
 log = logging.getLogger("livefuse.service")
@@ -155,6 +156,7 @@ class Service:
             ready=lambda: self.ready,
             engine=lambda: self.engine,
         )
+        self.metrics.registry.register(RelayCollector(lambda: self))
         self._starting = 0
         self._stopping = False
         self._ending: dict[str, asyncio.Task[bool]] = {}
@@ -482,8 +484,37 @@ class Service:
 
 
 async def close_peer(pc: RTCPeerConnection) -> None:
+    """Close a peer connection, its tracks and its transports; never raises.
+
+    A peer an offer left half-built (aiortc gave up in setRemoteDescription, so some
+    transceiver has no transport) makes `pc.close()` raise AttributeError midway: that
+    must not replace the 400 the offer earned, nor leave the transports that do exist
+    (their sockets) open."""
     for transceiver in pc.getTransceivers():
         track = transceiver.sender.track
         if track is not None:
             track.stop()
-    await pc.close()
+    try:
+        await pc.close()
+    except Exception as error:  # whatever aiortc trips on, the job gets finished
+        log.debug("event=peer_close_partial error=%r", error)
+        await _stop_transports(pc)
+
+
+async def _stop_transports(pc: RTCPeerConnection) -> None:
+    """What `pc.close()` did not get to: every DTLS transport the peer has and the ICE
+    transport under it, each on its own (one failing does not keep the rest open)."""
+    transports: dict[int, Any] = {}
+    for transceiver in pc.getTransceivers():
+        for dtls in (transceiver.receiver.transport, transceiver.sender.transport):
+            if dtls is not None:
+                transports[id(dtls)] = dtls
+    if pc.sctp is not None:
+        transports[id(pc.sctp.transport)] = pc.sctp.transport
+    for dtls in transports.values():
+        for stop in (dtls.stop, dtls.transport.stop):
+            try:
+                await stop()
+            except Exception as error:  # the next one still gets closed
+                log.debug("event=transport_stop_failed error=%r", error)
+    pc.remove_all_listeners()

@@ -320,6 +320,11 @@ def test_ingest_pushed_on_through_the_service(
             state = await api(http, "GET", f"{base}/api/v1/sessions/{session}", expect=200)
             (pushed,) = state["outputs"]
             assert pushed["state"] == "live" and pushed["frames_sent"] > 0, pushed
+            async with http.get(f"{base}/metrics", headers=AUTH) as response:
+                scraped = await response.text()
+            assert 'livefuse_outputs{state="live"} 1.0' in scraped, scraped
+            assert 'livefuse_ingests{state="live"} 1.0' in scraped
+            assert session not in scraped, "a session id on /metrics"
         assert beep_onsets(playback.audio_level), "the feed's audio did not come through"
         assert_reads_as_source(playback.pictures[-6:], recognizer, source_bgr, target_photo)
 

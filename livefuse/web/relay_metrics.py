@@ -1,0 +1,68 @@
+"""The broadcast relay on /metrics: named streams, ingests and RTMP pushes, as aggregates
+read from the service at scrape time (no series names a session or a URL: both can
+carry secrets, and per-stream labels would grow without bound)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from livefuse.stream.ingest import IngestState
+from livefuse.stream.push import PushState
+
+if TYPE_CHECKING:
+    from livefuse.web.service import Service
+
+_INGEST_STATES: tuple[IngestState, ...] = ("connecting", "live", "retrying", "ended", "closed")
+_PUSH_STATES: tuple[PushState, ...] = ("connecting", "live", "retrying", "closed")
+
+
+class RelayCollector(Collector):
+    def __init__(self, service: Callable[[], Service]) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Metric]:
+        service = self._service()
+        yield GaugeMetricFamily(
+            "livefuse_named_streams",
+            "Named streams (with a publisher or not)",
+            value=len(service.broadcasts),
+        )
+        ingests = [s.ingest.stats() for s in service.sessions.values() if s.ingest is not None]
+        by_state = GaugeMetricFamily("livefuse_ingests", "Pull ingests by state", labels=["state"])
+        counts = Counter(i.state for i in ingests)
+        for state in _INGEST_STATES:
+            by_state.add_metric([state], counts[state])
+        yield by_state
+        yield GaugeMetricFamily(
+            "livefuse_ingest_reconnects",
+            "Reconnects of the running ingests, summed",
+            value=sum(i.reconnects for i in ingests),
+        )
+        broadcasts = {id(s.broadcast): s.broadcast for s in service.sessions.values()}
+        broadcasts.update({id(b): b for b in service.broadcasts.values()})
+        pushes = [o.stats() for b in broadcasts.values() for o in b.outputs.values()]
+        outputs = GaugeMetricFamily("livefuse_outputs", "RTMP pushes by state", labels=["state"])
+        counts = Counter(p.state for p in pushes)
+        for push_state in _PUSH_STATES:
+            outputs.add_metric([push_state], counts[push_state])
+        yield outputs
+        yield GaugeMetricFamily(
+            "livefuse_output_bitrate_kbps",
+            "Bitrate of the running pushes, summed",
+            value=sum(p.bitrate_kbps for p in pushes),
+        )
+        yield GaugeMetricFamily(
+            "livefuse_output_dropped_frames",
+            "Frames the running pushes fell behind on, summed",
+            value=sum(p.dropped for p in pushes),
+        )
+        yield GaugeMetricFamily(
+            "livefuse_output_reconnects",
+            "Reconnects of the running pushes, summed",
+            value=sum(p.reconnects for p in pushes),
+        )
