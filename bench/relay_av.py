@@ -208,6 +208,8 @@ class Playback:
     audio_level: list[tuple[float, float]] = field(default_factory=list)
     """(pts in s, RMS) per 5 ms of audio."""
     pictures: list[np.ndarray] = field(default_factory=list)
+    keyframes: list[float] = field(default_factory=list)
+    """pts (s) of the keyframes."""
     audio_seconds: float = 0.0
     error: str | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -248,6 +250,8 @@ class Playback:
                         gray = frame.to_ndarray(format="gray")
                         pts = float(frame.time or 0.0)
                         self.arrivals.append((time.time(), read_barcode(gray), pts))
+                        if frame.key_frame:
+                            self.keyframes.append(pts)
                         flash = has_flash(gray)
                         if flash and not flash_on:
                             self.flashes.append(pts)
@@ -375,7 +379,9 @@ def main() -> int:
                 server.url("out"),
                 "--quality",
                 args.quality,
-            ]
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
         )
         playback = Playback(server.url("out"))
         playback.start()
@@ -393,12 +399,16 @@ def main() -> int:
         finally:
             playback.stop()
             relay.terminate()
-            relay.wait(30)
+            _, relay_log = relay.communicate(timeout=30)
             publisher.stop()
     result = {
         "machine": args.machine,
         "feed": {"width": width, "height": height, "fps": FPS},
         "relay": summarise(publisher, playback, args.seconds),
+        # The relay's own status lines (every 5 s: fps, drops, the quality level in force).
+        "relay_status": [
+            line for line in relay_log.splitlines() if line.startswith(("in ", "livefuse relay:"))
+        ],
         "publisher_error": publisher.error,
         "playback_error": playback.error,
     }
