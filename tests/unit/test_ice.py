@@ -10,6 +10,9 @@ import base64
 import hashlib
 import hmac
 
+import pytest
+from pydantic import ValidationError
+
 from livefuse.settings import Settings
 from livefuse.web.ice import IceServer, ice_servers, link_header, turn_credential
 
@@ -63,3 +66,10 @@ def test_link_header_has_one_value_per_url_with_rfc9725_parameters() -> None:
 def test_a_quote_in_a_label_stays_inside_its_quoted_string() -> None:
     server = IceServer(urls=("turn:t",), username='1:a"b', credential="x")
     assert 'username="1:a\\"b"' in server.link_values()[0]
+
+
+def test_a_turn_url_aiortc_cannot_use_is_refused_at_start_up() -> None:
+    assert Settings(turn_urls=["turns:t.example.net:5349?transport=tcp"]).turn_urls
+    for bad in ("stun:t.example.net", "turn:t.example.net:port", "turn:t?transport=tls"):
+        with pytest.raises(ValidationError, match="is not a TURN URL"):
+            Settings(turn_urls=[bad])
