@@ -41,6 +41,15 @@ def _default_threads() -> int:
     return os.cpu_count() or 1
 
 
+def _check_token(value: str) -> None:
+    # An empty Bearer would pass an empty token; a token with blanks or controls cannot
+    # travel in a header as it is (and is a paste gone wrong).
+    if not value.strip():
+        raise ValueError("a token must not be empty")
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError("a token must not contain spaces or control characters")
+
+
 # What aiortc takes as a TURN server (RFC 7065, no IPv6 literal).
 _TURN_URL = re.compile(r"turns?:[^?:\s]+(:[0-9]+)?(\?transport=(udp|tcp))?")
 
@@ -72,7 +81,52 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
 
     token: str | None = None
-    """Bearer token required on /api, /whip and /whep when set."""
+    """The admin token (`--token`): allowed everywhere, /metrics included. With any token
+    set (admin, publish or view), /api (but /api/v1/capacity), /whip, /whep and /metrics
+    need `Authorization: Bearer <token>` of a scope that covers them (web/auth.py). An
+    empty or blank token is refused at start-up."""
+
+    publish_tokens: list[str] = Field(default_factory=list)
+    """Publish tokens (`--publish-token T`, repeatable; a JSON list in the environment):
+    WHIP (publish, trickle, end), source faces (/api/v1/sources), the sessions API (read
+    and PATCH), ingests and RTMP outputs, and WHEP too (a publisher may watch its
+    stream). What OBS's Bearer Token field and the publisher page get."""
+
+    view_tokens: list[str] = Field(default_factory=list)
+    """View tokens (`--view-token T`, repeatable): WHEP and what the watch page needs
+    (/api/v1/ice-servers) only, so a viewer link (`/watch/NAME#token=T`) that gets passed
+    around lets nobody publish or steer a session. With publish or view tokens but no
+    admin token, nothing is admin-only reachable: /metrics answers only on the scrape
+    listener (`metrics_port`)."""
+
+    metrics_host: str = "127.0.0.1"
+    """Address of the unauthenticated Prometheus scrape listener (with `metrics_port`)."""
+
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """When set, a second small listener on `metrics_host:metrics_port` answers
+    `GET /metrics` (and nothing else) without a token, for Prometheus: scrape
+    `http://<metrics_host>:<metrics_port>/metrics` (e.g. `LIVEFUSE_METRICS_HOST=0.0.0.0
+    LIVEFUSE_METRICS_PORT=9464` in a container, the port published to Prometheus
+    only). The figures are aggregates with no session ids. Unset: /metrics is served on
+    the main port only, behind the admin token when tokens are set."""
+
+    max_concurrent_uploads: int = Field(default=2, ge=1)
+    """Source uploads read and prepared at once; one more is answered 503 + Retry-After
+    before its body is read. Uploads in memory stay below this times `max_image_bytes`
+    (twice that while one is joined), whatever the number of clients."""
+
+    ice_connect_timeout_s: float = Field(default=5.0, gt=0)
+    """A WHIP publisher or WHEP viewer counts against its limit from its offer, and is
+    ended unless its peer connection (ICE and DTLS) is up within this long."""
+
+    max_pending_publishers_per_address: int = Field(default=1, ge=1)
+    """WHIP offers from one client address whose connection is not up yet; one more is
+    429 with Retry-After (one address cannot hold every slot with offers that never
+    connect). Behind a reverse proxy every client shares the proxy's address."""
+
+    max_pending_viewers_per_address: int = Field(default=4, ge=1)
+    """WHEP offers from one client address whose connection is not up yet (several
+    OBS browser sources start at once); one more is 429 with Retry-After."""
 
     max_sessions: int = Field(default=2, ge=1)
     """Concurrent WHIP sessions; one more is refused with 503 and Retry-After."""
@@ -121,6 +175,11 @@ class Settings(BaseSettings):
     max_outputs: int = Field(default=4, ge=0)
     """RTMP pushes per session (each is one more H.264 encode)."""
 
+    peers: str | None = None
+    """Other nodes of this service (`livefuse serve --peers`): base URLs separated by
+    commas, or `dns:NAME[:PORT]` whose A/AAAA records are the peers (a Kubernetes headless
+    Service). A full node redirects new publishers to the peer with most room (307)."""
+
     publisher_gone_s: float = Field(default=3.0, gt=0)
     """A named stream's publisher that has sent no video for this long counts as gone: a
     new publisher on the name takes its place instead of getting 409 (OBS restarted after
@@ -141,6 +200,38 @@ class Settings(BaseSettings):
     turn_ttl_s: int = Field(default=24 * 3600, ge=60)
     """How long a TURN credential lasts. The TURN server checks it on every refresh of a
     relay, so it must outlast the longest session, and a leaked one is dead after it."""
+
+    @field_validator("token")
+    @classmethod
+    def _check_admin_token(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_token(value)
+        return value
+
+    @field_validator("publish_tokens", "view_tokens")
+    @classmethod
+    def _check_scoped_tokens(cls, values: list[str]) -> list[str]:
+        for value in values:
+            _check_token(value)
+        return values
+
+    def token_problem(self) -> str | None:
+        """Why the tokens cannot be used as they are, or None. For values that skipped
+        validation (`model_copy(update=...)`, as `livefuse serve` applies its flags)."""
+        scoped = [self.token] if self.token is not None else []
+        try:
+            for value in [*scoped, *self.publish_tokens, *self.view_tokens]:
+                _check_token(value)
+        except ValueError as error:
+            return str(error)
+        everyone = [*scoped, *self.publish_tokens, *self.view_tokens]
+        if len(set(everyone)) != len(everyone):
+            return "the same token is given twice (a token has one scope: admin, publish or view)"
+        return None
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.token is not None or bool(self.publish_tokens or self.view_tokens)
 
     @field_validator("turn_urls")
     @classmethod

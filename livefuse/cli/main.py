@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of the /metrics listener (default 127.0.0.1)",
     )
     serve.add_argument(
+        "--peers",
+        default=None,
+        metavar="URLS",
+        help="other nodes: base URLs (comma-separated) or dns:NAME[:PORT]; a full node "
+        "redirects new publishers to the peer with most room",
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
         help="allow listening beyond loopback without a token",

@@ -21,6 +21,7 @@ from aiohttp import web
 from livefuse.engines.backend import Backend, BackendUnavailable, select_backend
 from livefuse.settings import Settings
 from livefuse.web.app import SERVICE_KEY, create_app
+from livefuse.web.peers import parse_peers
 
 EXIT_OK, EXIT_USAGE = 0, 2
 
@@ -46,20 +47,34 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ("port", args.port),
             ("token", args.token),
             ("max_sessions", args.max_sessions),
+            ("peers", args.peers),
             ("label_default", args.label),
+            ("publish_tokens", args.publish_token),
+            ("view_tokens", args.view_token),
+            ("metrics_port", args.metrics_port),
+            ("metrics_host", args.metrics_host),
         )
         if value is not None
     }
     settings = settings.model_copy(update=updates)
+    if problem := settings.token_problem():
+        _say(f"{problem}: give each --token, --publish-token and --view-token a value of its own")
+        return EXIT_USAGE
     try:
         backend = select_backend(args.backend, threads=settings.threads)
     except BackendUnavailable as error:
         _say(str(error))
         return EXIT_USAGE
+    if settings.peers is not None:
+        try:
+            parse_peers(settings.peers)
+        except ValueError as error:
+            _say(str(error))
+            return EXIT_USAGE
     if settings.max_sessions < 1:
         _say("--max-sessions must be at least 1")
         return EXIT_USAGE
-    if not is_loopback(settings.host) and not settings.token and not args.insecure:
+    if not is_loopback(settings.host) and not settings.has_tokens and not args.insecure:
         _say(
             f"refusing to listen on {settings.host} without a token: anyone who can reach it "
             "could stream through it. Set --token T (or LIVEFUSE_TOKEN), listen on 127.0.0.1, "
@@ -89,7 +104,12 @@ def _run_loop(main: object) -> int:
 async def _serve(settings: Settings, backend: Backend) -> int:
     app = create_app(settings)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
-    await runner.setup()
+    try:
+        await runner.setup()  # starts the /metrics listener when metrics_port is set
+    except OSError as error:
+        await runner.cleanup()
+        _say(str(error))
+        return EXIT_USAGE
     site = web.TCPSite(runner, settings.host, settings.port)
     try:
         await site.start()
@@ -107,8 +127,18 @@ async def _serve(settings: Settings, backend: Backend) -> int:
     print(f"livefuse is serving at {base}/", flush=True)
     print(f"  models run on the {backend.name} backend", flush=True)
     print(f"  OBS WHIP output: server {base}/whip  (viewers: {base}/watch/SESSION)", flush=True)
-    if settings.token:
-        print("  a Bearer token is required on /api, /whip and /whep", flush=True)
+    if settings.has_tokens:
+        print(
+            "  a Bearer token is required on /api, /whip, /whep and /metrics "
+            "(publish tokens for WHIP, view tokens for viewers)",
+            flush=True,
+        )
+    if settings.metrics_port is not None:
+        print(
+            f"  Prometheus: http://{settings.metrics_host}:{settings.metrics_port}/metrics "
+            "(no token)",
+            flush=True,
+        )
     service = app[SERVICE_KEY]
     waiter = asyncio.ensure_future(stop.wait())
     while not stop.is_set() and not service.ready and service.problem == "the models are loading":

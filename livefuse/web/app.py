@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -12,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from livefuse.engines.pipeline import FacePipeline
 from livefuse.settings import Settings
 from livefuse.stream.quality import QUALITY_MODES
-from livefuse.web import ice, pages, relay_api, webrtc
+from livefuse.web import auth, http_limits, ice, pages, relay_api, webrtc
 from livefuse.web import metrics as metrics_module
 from livefuse.web import sources as sources_module
 from livefuse.web.errors import ApiError, json_error, sdp_error
@@ -26,7 +26,6 @@ log = logging.getLogger("livefuse.http")
 
 STATIC_DIR = Path(__file__).parent / "static"
 SERVICE_KEY = web.AppKey("service", Service)
-_PROTECTED = ("/api/", "/whip", "/whep")
 _SDP_PATHS = ("/whip", "/whep")
 _CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -63,6 +62,21 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.Response(
             status=error.status, text=text, content_type=content_type, headers=headers
         )
+    except (HttpProcessingError, RecursionError, ConnectionResetError) as error:
+        # The client's fault, found while its body is read: a malformed chunked or
+        # multipart body (aiohttp's parser errors), JSON nested past the parser's
+        # recursion limit, a client gone mid-body. One line, no traceback.
+        status, code, message = _client_error(error)
+        log.info(
+            "event=bad_request method=%s path=%s status=%d reason=%r",
+            request.method,
+            request.path[:200],
+            status,
+            message,
+        )
+        shaped = (sdp_error if _is_sdp_path(request.path) else json_error)(status, code, message)
+        content_type, text = shaped.body()
+        return web.Response(status=status, text=text, content_type=content_type)
     except Exception as error:
         # A bug, not a bad request: the traceback goes to the log, the client gets the
         # contract's error shape, and the service keeps running.
@@ -74,6 +88,17 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
         content_type, text = shaped.body()
         return web.Response(status=500, text=text, content_type=content_type)
+
+
+def _client_error(error: BaseException) -> tuple[int, str, str]:
+    """(status, code, one-line message) for a client error raised while reading a body."""
+    if isinstance(error, RecursionError):
+        return 400, "bad_json", "the body is not JSON this server reads: nested too deeply"
+    if isinstance(error, ConnectionResetError):
+        return 400, "connection_lost", "the client went away before its request was read"
+    assert isinstance(error, HttpProcessingError)
+    reason = " ".join(str(error.message).split())[:200] or type(error).__name__
+    return 400, "bad_body", f"the request body is malformed: {reason}"
 
 
 @web.middleware
@@ -101,28 +126,41 @@ def _allowed(path: str) -> str:
     return "GET, POST, PATCH, DELETE, OPTIONS"
 
 
-def _auth(token: str | None) -> Any:
+def _auth(settings: Settings) -> Any:
+    """Bearer tokens by scope (web/auth.py): 401 without a known token, 403 with one
+    whose scope does not cover the request."""
+    tokens = auth.Tokens(settings)
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is None or request.method == "OPTIONS" or not request.path.startswith(_PROTECTED):
+        if not tokens.enabled:
+            return await handler(request)
+        allowed = auth.required_scopes(request.method, request.path)
+        if allowed is None:
             return await handler(request)
         header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), token.encode()
-        ):
-            service = request.app[SERVICE_KEY]
+        scope = tokens.scope_of(header)
+        if scope in allowed:
+            return await handler(request)
+        service = request.app[SERVICE_KEY]
+        make = sdp_error if _is_sdp_path(request.path) else json_error
+        if scope is None:
             service.metrics.refused.labels(reason="auth").inc()
-            make = sdp_error if _is_sdp_path(request.path) else json_error
             raise make(
                 401,
                 "unauthorized",
-                "this server needs its access token: send Authorization: Bearer <token>"
+                "this server needs an access token: send Authorization: Bearer <token>"
                 if not header
                 else "the access token is wrong",
                 headers={"WWW-Authenticate": 'Bearer realm="livefuse"'},
             )
-        return await handler(request)
+        service.metrics.refused.labels(reason="scope").inc()
+        raise make(
+            403,
+            "forbidden",
+            f"a {scope.value} token may not {request.method} {request.path[:100]}: "
+            f"that takes {auth.describe(allowed)}",
+        )
 
     return middleware
 
@@ -141,9 +179,16 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
-    if service.ready:
-        return web.json_response({"ready": True, "sessions": len(service.sessions)})
-    raise json_error(503, "not_ready", f"not ready: {service.problem}")
+    engine = service.engine
+    if not service.ready or engine is None:
+        raise json_error(503, "not_ready", f"not ready: {service.problem}")
+    # A stage failing on every frame: no session can swap, whatever else works.
+    if failing := engine.health.problem():
+        raise json_error(503, "not_ready", f"not ready: {failing}")
+    body: dict[str, Any] = {"ready": True, "sessions": len(service.sessions)}
+    if engine.swap_pool is not None and (degraded := engine.swap_pool.problem()):
+        body["degraded"] = degraded  # swapping still works, slower
+    return web.json_response(body)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -273,8 +318,9 @@ def _with_service(
 def create_app(settings: Settings, *, face_pipeline: FacePipeline | None = None) -> web.Application:
     """The app; its models load in the background once it starts (see /readyz)."""
     app = web.Application(
-        middlewares=[_cors, _errors, _auth(settings.token)],
+        middlewares=[http_limits.url_limit, _cors, _errors, _auth(settings)],
         client_max_size=settings.max_sdp_bytes,
+        handler_args=http_limits.handler_args(),
     )
     service = Service(settings=settings, face_pipeline=face_pipeline)
     app[SERVICE_KEY] = service
@@ -287,6 +333,12 @@ def create_app(settings: Settings, *, face_pipeline: FacePipeline | None = None)
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
+    if settings.metrics_port is not None:
+        app.cleanup_ctx.append(
+            metrics_module.scrape_listener(
+                service.metrics, host=settings.metrics_host, port=settings.metrics_port
+            )
+        )
     app.router.add_get("/", _page)
     app.router.add_get("/watch/{session}", _page)
     app.router.add_get("/favicon.ico", pages.favicon)
@@ -311,6 +363,7 @@ def create_app(settings: Settings, *, face_pipeline: FacePipeline | None = None)
         app.router.add_get(outputs, _with_service(relay_api.output_list))
         app.router.add_delete(outputs + "/{output}", _with_service(relay_api.output_delete))
     app.router.add_get("/api/v1/streams", _with_service(relay_api.stream_list))
+    app.router.add_get("/api/v1/capacity", _with_service(relay_api.capacity_get))
     # `/whip` and `/whip/` publish a session of its own; `/whip/NAME` a named stream.
     app.router.add_post("/whip", _with_service(webrtc.whip_post))
     app.router.add_post("/whip/", _with_service(webrtc.whip_post))

@@ -7,6 +7,8 @@
   (`/api/v1/streams/{name}/outputs` is the same), whose pushes outlive its publishers.
   `GET` lists them, `DELETE .../outputs/{output}` stops one.
 - `GET /api/v1/streams`: the named streams, who publishes there, viewers and pushes.
+- `GET /api/v1/capacity`: this node's headroom (web/peers.py), with no token: what peers
+  and autoscalers poll.
 
 Errors are JSON, like the rest of /api (DESIGN.md, "Contracts").
 """
@@ -184,3 +186,10 @@ async def stream_list(request: web.Request, service: Service) -> web.Response:
         for broadcast in service.broadcasts.values()
     ]
     return web.json_response({"streams": streams})
+
+
+# -- capacity ------------------------------------------------------------------------------
+
+
+async def capacity_get(request: web.Request, service: Service) -> web.Response:
+    return web.json_response(service.capacity().as_dict())

@@ -1,4 +1,5 @@
-"""The broadcast relay on /metrics: named streams, ingests and RTMP pushes, as aggregates
+"""The node's capacity and the broadcast relay on /metrics: headroom, named streams,
+ingests and RTMP pushes, as aggregates
 read from the service at scrape time (no series names a session or a URL: both can
 carry secrets, and per-stream labels would grow without bound)."""
 
@@ -27,6 +28,27 @@ class RelayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         service = self._service()
+        capacity = service.capacity()
+        yield GaugeMetricFamily(
+            "livefuse_capacity_max_sessions",
+            "Sessions this node takes at most",
+            value=capacity.max_sessions,
+        )
+        yield GaugeMetricFamily(
+            "livefuse_capacity_headroom",
+            "Sessions this node would still take now",
+            value=capacity.headroom,
+        )
+        yield GaugeMetricFamily(
+            "livefuse_capacity_accepting",
+            "1 while this node takes new publishers",
+            value=int(capacity.accepting and capacity.headroom > 0),
+        )
+        yield GaugeMetricFamily(
+            "livefuse_capacity_engine_load",
+            "The busiest engine stage's share of time",
+            value=capacity.engine_load,
+        )
         yield GaugeMetricFamily(
             "livefuse_named_streams",
             "Named streams (with a publisher or not)",

@@ -40,6 +40,7 @@ from livefuse.stream.startup import load_pipeline, start_engine
 from livefuse.web.errors import sdp_error
 from livefuse.web.ice import ice_servers
 from livefuse.web.metrics import Metrics
+from livefuse.web.peers import Capacity, PeerSet
 from livefuse.web.relay_metrics import RelayCollector
 from livefuse.web.sources import Source, SourcePreparer, SourceStore
 
@@ -147,7 +148,7 @@ class Service:
         self.ready = False
         self.problem: str | None = "the models are loading"
         self.sources = SourceStore(limit=settings.max_sources)
-        self.preparer = SourcePreparer()
+        self.preparer = SourcePreparer(max_uploads=settings.max_concurrent_uploads)
         self.sessions: dict[str, LiveSession] = {}
         self.broadcasts: dict[str, Broadcast] = {}
         """Named streams, by name (an unnamed session's broadcast hangs off it alone)."""
@@ -157,6 +158,11 @@ class Service:
             engine=lambda: self.engine,
         )
         self.metrics.registry.register(RelayCollector(lambda: self))
+        self.node_id = secrets.token_hex(8)
+        """Who this process is among its peers (GET /api/v1/capacity)."""
+        self.peers = (
+            PeerSet(settings.peers, own_node=self.node_id) if settings.peers is not None else None
+        )
         self._starting = 0
         self._stopping = False
         self._ending: dict[str, asyncio.Task[bool]] = {}
@@ -171,6 +177,8 @@ class Service:
         self._load_task = asyncio.get_running_loop().create_task(
             self._load(), name="livefuse-load-models"
         )
+        if self.peers is not None:
+            await self.peers.start()
 
     async def _load(self) -> None:
         try:
@@ -193,6 +201,8 @@ class Service:
     async def stop(self) -> None:
         """End every session cleanly, then the engine (graceful shutdown)."""
         self._stopping = True  # no new sessions from here on
+        if self.peers is not None:
+            await self.peers.close()
         if self._load_task is not None:
             # Not cancelled: the loading thread would go on and leave an engine behind.
             await asyncio.gather(self._load_task, return_exceptions=True)
@@ -221,6 +231,20 @@ class Service:
             self.face_pipeline.close()
 
     # -- sessions -----------------------------------------------------------------------
+
+    def capacity(self) -> Capacity:
+        """This node's headroom, as its peers and autoscalers read it."""
+        engine = self.engine
+        load = max(engine.metrics.busy_ratio().values(), default=0.0) if engine else 0.0
+        return Capacity(
+            node=self.node_id,
+            sessions=len(self.sessions),
+            max_sessions=self.settings.max_sessions,
+            starting=self._starting,
+            accepting=self.ready and not self._stopping,
+            engine_load=load,
+            streams=tuple(self.broadcasts),
+        )
 
     def require_ready(self) -> FacePipeline:
         if not self.ready or self.face_pipeline is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -23,6 +24,7 @@ from livefuse.stream.quality import QUALITY_MODES
 from livefuse.stream.shared_encode import EncodedVideoTrack
 from livefuse.web import ice
 from livefuse.web.errors import ApiError, sdp_error
+from livefuse.web.peers import publisher_target
 from livefuse.web.service import NAME_PATTERN, Broadcast, LiveSession, close_peer
 
 if TYPE_CHECKING:
@@ -64,23 +66,86 @@ def _sdp_too_large(max_bytes: int) -> ApiError:
 
 
 def parse_offer(text: str) -> SessionDescription:
-    """A parsed offer with a video section, or a 400 that says what is wrong with it."""
+    """A parsed offer that can work, or a 400 that says in one line what is wrong.
+
+    aiortc's parser asserts, raises StopIteration and more on malformed lines, and
+    builds a peer it cannot close from some offers it reads (a media section outside
+    BUNDLE, a mid it cannot put in a header extension); those are refused here, before
+    any peer exists. An offer that could never carry video to us is refused too, rather
+    than holding a slot: no DTLS fingerprint, the video section disabled (port 0) or
+    with none of the codecs aiortc speaks."""
     if not text.strip().startswith("v=0"):
         raise sdp_error(400, "bad_sdp", "this is not an SDP offer (it must start with v=0)")
     try:
         description = SessionDescription.parse(text)
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
-        raise sdp_error(400, "bad_sdp", f"the SDP offer cannot be read: {error}") from error
-    if not any(media.kind == "video" for media in description.media):
+    except Exception as error:  # aiortc's parser raises whatever the bad line trips on
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        raise sdp_error(400, "bad_sdp", f"the SDP offer cannot be read: {reason}") from error
+    media = [m for m in description.media if m.kind in ("audio", "video")]
+    if len(description.media) > _MAX_MEDIA_SECTIONS:
+        raise sdp_error(
+            400,
+            "bad_sdp",
+            f"the offer has {len(description.media)} media sections; at most "
+            f"{_MAX_MEDIA_SECTIONS} are taken",
+        )
+    video = next((m for m in media if m.kind == "video"), None)
+    if video is None:
         raise sdp_error(400, "no_video", "the offer has no video section")
-    for media in description.media:
-        if media.kind in ("audio", "video") and (
-            media.ice is None or not media.ice.usernameFragment or not media.dtls
-        ):
+    bundle = next((g.items for g in description.group if g.semantic == "BUNDLE"), None)
+    mids: set[str] = set()
+    for section in media:
+        mid = section.rtp.muxId
+        if not _MID.fullmatch(mid):
             raise sdp_error(
-                400, "bad_sdp", f"the offer's {media.kind} section lacks ICE or DTLS parameters"
+                400,
+                "bad_sdp",
+                f"the offer's {section.kind} section has no usable a=mid (1 to 16 letters, "
+                "digits or -._)",
             )
+        if mid in mids:
+            raise sdp_error(400, "bad_sdp", f"the offer uses a=mid:{mid} twice")
+        mids.add(mid)
+        if bundle is not None and mid not in bundle:
+            raise sdp_error(400, "bad_sdp", f"the offer's a=mid:{mid} is not in its BUNDLE group")
+        if section.ice is None or not section.ice.usernameFragment or not section.ice.password:
+            raise sdp_error(
+                400, "bad_sdp", f"the offer's {section.kind} section lacks ICE credentials"
+            )
+        if section.dtls is None or not section.dtls.fingerprints:
+            raise sdp_error(
+                400,
+                "no_fingerprint",
+                f"the offer's {section.kind} section has no DTLS fingerprint (a=fingerprint)",
+            )
+    if video.port == 0 and "a=bundle-only" not in _section_text(text, video.rtp.muxId):
+        raise sdp_error(400, "no_video", "the offer's video section is disabled (port 0)")
+    names = {codec.name.upper() for codec in video.rtp.codecs}
+    if not names & _VIDEO_CODECS:
+        raise sdp_error(
+            400,
+            "no_video",
+            "the offer's video section has none of the codecs this server speaks "
+            f"({', '.join(sorted(_VIDEO_CODECS))})",
+        )
     return description
+
+
+# A mid goes in every RTP packet's header extension: RFC 8843 keeps it short; aiortc
+# takes ASCII only.
+_MID = re.compile(r"[A-Za-z0-9._-]{1,16}")
+_MAX_MEDIA_SECTIONS = 8
+# A client trickles a handful; each one is checked against every local candidate.
+_MAX_TRICKLED_CANDIDATES = 32
+_VIDEO_CODECS = frozenset({"H264", "VP8"})
+
+
+def _section_text(sdp: str, mid: str) -> str:
+    """The lines of the media section with this mid (for attributes aiortc does not keep)."""
+    for section in sdp.split("\nm=")[1:]:
+        if f"a=mid:{mid}\r" in section or f"a=mid:{mid}\n" in section:
+            return section
+    return ""
 
 
 def video_direction(description: SessionDescription) -> str:
@@ -167,6 +232,11 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
     name = request.match_info.get("name")
     if name is not None and not NAME_PATTERN.fullmatch(name):
         raise sdp_error(400, "bad_name", "a stream name is 1 to 64 letters, digits, '-' or '_'")
+    if service.peers is not None:
+        # Scale-out (web/peers.py): a full node, or one a peer beats, sends the offer on.
+        target = publisher_target(service.capacity(), service.peers, name=name)
+        if target is not None:
+            return _redirect(target + request.path_qs)
     # A named stream: its broadcast (viewers, pushes) is the name's; 409 while live.
     broadcast = await service.claim_name(name) if name is not None else None
     try:
@@ -228,7 +298,7 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
         if pc.connectionState in ("failed", "closed"):
             service.schedule_end(session_id, reason=f"publisher connection {pc.connectionState}")
 
-    location = f"/whip/{session_id}"
+    location = _location(request, service, f"/whip/{session_id}")
     log.info(
         "event=session_start session=%s name=%s mode=%s source=%s quality=%s",
         session_id,
@@ -247,6 +317,19 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
             **_ice_server_links(service),
         },
     )
+
+
+def _redirect(url: str) -> web.Response:
+    """307: the client sends the same request, body and method, to `url` (RFC 9725 4.5)."""
+    return web.Response(
+        status=307, headers={"Location": url}, text=f"this node is full: go to {url}\n"
+    )
+
+
+def _location(request: web.Request, service: Service, path: str) -> str:
+    """A resource's Location: absolute when the node has peers, since PATCH and DELETE
+    (which do not follow redirects) must reach this node, not the entry URL's."""
+    return str(request.url.origin()) + path if service.peers is not None else path
 
 
 def _ice_server_links(service: Service) -> dict[str, str]:
@@ -296,23 +379,38 @@ async def trickle(
             )
         if line.startswith("a=mid:"):
             mid = line.split(":", 1)[1]
+            if not _MID.fullmatch(mid):
+                raise sdp_error(400, "bad_candidate", f"no such media section: {line[:80]!r}")
         elif line.startswith("a=candidate:"):
             text = line[len("a=candidate:") :]
             try:
                 if len(text.split()) < 8:
                     raise ValueError("a candidate has at least 8 fields")
                 candidate = candidate_from_sdp(text)
-            except (ValueError, IndexError) as error:
-                raise sdp_error(400, "bad_candidate", f"cannot read {line!r}: {error}") from error
+            except Exception as error:  # aiortc's parser asserts, int() raises, ...
+                reason = " ".join(str(error).split())[:120] or type(error).__name__
+                raise sdp_error(
+                    400, "bad_candidate", f"cannot read {line[:80]!r}: {reason}"
+                ) from error
             candidate.sdpMid = mid
             candidate.sdpMLineIndex = None if mid is not None else 0
             candidates.append(candidate)
+            if len(candidates) > _MAX_TRICKLED_CANDIDATES:
+                raise sdp_error(
+                    400,
+                    "bad_candidate",
+                    f"more than {_MAX_TRICKLED_CANDIDATES} candidates in one fragment",
+                )
         elif line == "a=end-of-candidates":
             ended = True
-    for candidate in candidates:
-        await pc.addIceCandidate(candidate)
-    if ended:
-        await pc.addIceCandidate(None)
+    try:
+        for candidate in candidates:
+            await pc.addIceCandidate(candidate)
+        if ended:
+            await pc.addIceCandidate(None)
+    except Exception as error:  # aiortc/aioice refuse: candidates already ended, no such mid
+        reason = " ".join(str(error).split())[:120] or type(error).__name__
+        raise sdp_error(422, "bad_candidate", f"cannot take these candidates: {reason}") from error
     return web.Response(status=204)
 
 
@@ -334,6 +432,11 @@ async def whep_post(request: web.Request, service: Service) -> web.Response:
         request, max_bytes=settings.max_sdp_bytes, content_type=SDP_TYPE
     )
     description = parse_offer(offer_sdp)
+    if service.find_broadcast(key) is None and service.peers is not None:
+        # A named stream held by another node: its viewers go there.
+        holder = service.peers.holder_of(key)
+        if holder is not None:
+            return _redirect(holder + request.path_qs)
     broadcast = _broadcast_or_404(service, key)
     if video_direction(description) not in ("recvonly", "sendrecv"):
         raise sdp_error(400, "bad_direction", "a WHEP offer must receive video (recvonly)")
@@ -375,7 +478,7 @@ async def whep_post(request: web.Request, service: Service) -> web.Response:
         text=answer_sdp,
         content_type=SDP_TYPE,
         headers={
-            "Location": f"/whep/{key}/{viewer_id}",
+            "Location": _location(request, service, f"/whep/{key}/{viewer_id}"),
             "ETag": etag_for(viewer_id),
             **_ice_server_links(service),
         },
