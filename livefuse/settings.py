@@ -180,6 +180,14 @@ class Settings(BaseSettings):
     commas, or `dns:NAME[:PORT]` whose A/AAAA records are the peers (a Kubernetes headless
     Service). A full node redirects new publishers to the peer with most room (307)."""
 
+    relay_whip: str | None = None
+    """Re-publish every stream's swapped video and audio to a media server over WHIP
+    (`livefuse serve --relay-whip URL`); `{name}` in the URL becomes the stream's name (or
+    the session's id), e.g. `http://mediamtx:8889/{name}/whip`."""
+
+    relay_whip_token: str | None = None
+    """Bearer token for the `relay_whip` server, when it asks for one."""
+
     publisher_gone_s: float = Field(default=3.0, gt=0)
     """A named stream's publisher that has sent no video for this long counts as gone: a
     new publisher on the name takes its place instead of getting 409 (OBS restarted after

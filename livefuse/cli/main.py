@@ -210,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         "redirects new publishers to the peer with most room",
     )
     serve.add_argument(
+        "--relay-whip",
+        default=None,
+        metavar="URL",
+        help="re-publish every stream to a media server over WHIP ({name} in URL: the "
+        "stream's name)",
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
         help="allow listening beyond loopback without a token",

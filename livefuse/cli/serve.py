@@ -48,6 +48,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             ("token", args.token),
             ("max_sessions", args.max_sessions),
             ("peers", args.peers),
+            ("relay_whip", args.relay_whip),
             ("label_default", args.label),
             ("publish_tokens", args.publish_token),
             ("view_tokens", args.view_token),

@@ -43,6 +43,7 @@ from livefuse.web.metrics import Metrics
 from livefuse.web.peers import Capacity, PeerSet
 from livefuse.web.relay_metrics import RelayCollector
 from livefuse.web.sources import Source, SourcePreparer, SourceStore
+from livefuse.web.whip_client import WhipRelay, relay_url
 
 log = logging.getLogger("livefuse.service")
 
@@ -66,6 +67,8 @@ class Broadcast:
     viewers: dict[str, RTCPeerConnection] = field(default_factory=dict)
     outputs: dict[str, PushOutput] = field(default_factory=dict)
     publisher: str | None = None
+    whip_relay: WhipRelay | None = None
+    """The re-publication to a media server (`--relay-whip`), while there is one."""
 
     @property
     def idle(self) -> bool:
@@ -127,6 +130,7 @@ class LiveSession:
             "watch": f"/watch/{self.broadcast.key}",
             "ingest": self.ingest.stats().as_dict() if self.ingest is not None else None,
             "outputs": self.broadcast.outputs_dict(),
+            "relay_whip": relay.stats() if (relay := self.broadcast.whip_relay) else None,
             "stats": self.stats().as_dict(),
         }
 
@@ -279,12 +283,15 @@ class Service:
     def release_reservation(self) -> None:
         self._starting -= 1
 
-    def new_peer_connection(self) -> RTCPeerConnection:
+    def peer_configuration(self) -> RTCConfiguration:
         # An explicit (possibly empty) list: aiortc would otherwise ask a public STUN
         # server, and wait for it where there is none. With TURN configured the server
         # gathers relay candidates too, which a client that cannot reach it directly can.
         servers = [server.rtc() for server in ice_servers(self.settings)]
-        return RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        return RTCConfiguration(iceServers=servers)
+
+    def new_peer_connection(self) -> RTCPeerConnection:
+        return RTCPeerConnection(self.peer_configuration())
 
     def new_stream(
         self,
@@ -408,8 +415,17 @@ class Service:
 
     def add_session(self, session: LiveSession) -> None:
         self.sessions[session.id] = session
-        session.broadcast.publisher = session.id
+        broadcast = session.broadcast
+        broadcast.publisher = session.id
         self.metrics.sessions_started.inc()
+        if self.settings.relay_whip is not None and broadcast.whip_relay is None:
+            broadcast.whip_relay = WhipRelay(
+                url=relay_url(self.settings.relay_whip, name=broadcast.key),
+                channel=broadcast.channel,
+                token=self.settings.relay_whip_token,
+                configuration=self.peer_configuration(),
+            )
+            broadcast.whip_relay.start()
 
     async def add_output(self, broadcast: Broadcast, *, url: str, bitrate_kbps: int) -> PushOutput:
         """Start pushing `broadcast` to an RTMP(S) URL (FeedUrlError for one it cannot)."""
@@ -436,8 +452,11 @@ class Service:
         outputs, viewers = list(broadcast.outputs.values()), list(broadcast.viewers.values())
         broadcast.outputs.clear()
         broadcast.viewers.clear()
+        relay, broadcast.whip_relay = broadcast.whip_relay, None
         await asyncio.gather(
-            *(output.close() for output in outputs), *(close_peer(pc) for pc in viewers)
+            *(output.close() for output in outputs),
+            *(close_peer(pc) for pc in viewers),
+            *([relay.close()] if relay is not None else []),
         )
         await broadcast.channel.close()
 
@@ -445,7 +464,7 @@ class Service:
         """A named stream with no publisher, viewer or push left goes away."""
         if broadcast.named and broadcast.idle and self.broadcasts.get(broadcast.key) is broadcast:
             del self.broadcasts[broadcast.key]
-            await broadcast.channel.close()
+            await self._close_broadcast(broadcast)
 
     def keep(self, task: asyncio.Task[Any]) -> None:
         """Hold a fire-and-forget task until it is done (the loop keeps only weak refs)."""

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from tests.webrtc_peers import Peer, publish
+from livefuse.settings import Settings
+from tests.webrtc_peers import Peer, live_server, publish, watch
 
 pytestmark = pytest.mark.slow
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -188,3 +189,50 @@ def test_three_nodes_one_entry_url(nodes: list[Node]) -> None:
             await pc.close()
 
     asyncio.run(scenario())
+
+
+def test_relay_whip_republishes_to_another_server(settings: Settings) -> None:
+    """`--relay-whip`: node A re-publishes its stream over WHIP to a media server (here a
+    second livefuse with no source face, which serves it on); a viewer there sees what A
+    made of it (A burns the disclosure label in, the media server does not)."""
+    with live_server(settings.model_copy(update={"max_sessions": 2})) as media_server:
+        relaying = settings.model_copy(
+            update={
+                "max_sessions": 1,
+                "label_default": True,
+                "relay_whip": media_server.base + "/whip/{name}",
+            }
+        )
+        with live_server(relaying) as node:
+            frame = np.full((360, 640, 3), 70, np.uint8)
+
+            async def scenario() -> None:
+                async with aiohttp.ClientSession() as http:
+                    publisher = await publish(
+                        http, node.base, [frame], token=None, direction="sendonly", name="cam"
+                    )
+                    viewer = None
+                    deadline = time.monotonic() + 30
+                    while viewer is None:
+                        try:
+                            viewer = await watch(http, media_server.base, "cam", token=None)
+                        except AssertionError:  # not relayed yet: 404
+                            assert time.monotonic() < deadline, "the stream never reached it"
+                            await asyncio.sleep(0.5)
+                    await viewer.wait_frames(10)
+                    seen = viewer.received.frames[-1]
+                    height, width = seen.shape[:2]
+                    corner = seen[: height // 8, width * 3 // 4 :]
+                    rest = seen[height // 4 :, : width // 2]
+                    # The label's box and text changed the top right corner; the rest is
+                    # the publisher's flat grey (shifted a little by two encodes).
+                    grey = np.median(rest.reshape(-1, 3), axis=0)
+                    assert float(np.abs(rest - grey).mean()) < 3
+                    assert float(np.abs(corner - grey).mean()) > 10
+                    async with http.get(f"{node.base}/api/v1/sessions") as response:
+                        (session,) = (await response.json())["sessions"]
+                    assert session["relay_whip"]["state"] == "live", session["relay_whip"]
+                    await publisher.close()
+                    await viewer.close()
+
+            asyncio.run(scenario())
