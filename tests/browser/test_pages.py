@@ -198,13 +198,16 @@ def _wait_gone(server: LiveServer, session_id: str) -> None:
 def test_publisher_page_asks_for_the_token_in_words(
     settings: Settings, media: tuple[Path, Path, list[int]]
 ) -> None:
-    """A server with a token: the page says it needs one, takes it, and then works."""
+    """A server with a token: the page says it needs one, takes it, and then works; its
+    viewer link carries the server's view token, never the page's own (admin) token."""
     from playwright.sync_api import sync_playwright
 
     clip, source, _ = media
-    token = "browser-token-51"
+    token, view_token = "browser-token-51", "browser-view-token-8"
     with (
-        live_server(settings.model_copy(update={"token": token})) as live,
+        live_server(
+            settings.model_copy(update={"token": token, "view_tokens": [view_token]})
+        ) as live,
         sync_playwright() as playwright,
     ):
         browser = playwright.chromium.launch(
@@ -243,6 +246,16 @@ def test_publisher_page_asks_for_the_token_in_words(
                 "Number(document.getElementById('stats').dataset.swapped || 0) >= 1",
                 timeout=60_000,
             )
+            link = page.text_content("#watch-url") or ""
+            assert link.endswith(f"#token={view_token}") and token not in link, link
+            viewer = browser.new_page()
+            viewer.goto(link)
+            viewer.wait_for_function(
+                "(() => { const v = document.getElementById('video');"
+                " return v.videoWidth > 0 && v.currentTime > 0.5; })()",
+                timeout=30_000,
+            )
+            assert viewer.is_hidden("#bar")
             page.click("#stop")
         finally:
             browser.close()

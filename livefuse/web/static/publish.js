@@ -143,13 +143,26 @@
     }
     state.session = state.resource.split("/").pop();
     if (!$("enabled").checked) await patch({ enabled: false });
-    const watch = new URL("/watch/" + state.session, location.href).toString();
+    const watch = new URL(await viewerLink(state.session), location.href).toString();
     $("watch-url").href = watch;
     $("watch-url").textContent = watch;
     $("watch-link").hidden = false;
     $("stop").disabled = false;
     if (!state.source) say("Streaming without a face to wear: choose a photo to start swapping.", "info");
     state.timer = setInterval(showStats, 1000);
+  }
+
+  // The server's viewer link carries a view token where it has one, never this page's
+  // own token; without one the viewer page asks for a token if the server wants one.
+  async function viewerLink(session) {
+    try {
+      const response = await LiveFuse.api("GET", "/whep/" + encodeURIComponent(session));
+      const link = (await response.json()).watch;
+      if (link) return link;
+    } catch (error) {
+      // the plain link below
+    }
+    return "/watch/" + encodeURIComponent(session);
   }
 
   async function stop(hangUp = true) {
