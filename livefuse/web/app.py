@@ -16,7 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from livefuse.engines.pipeline import FacePipeline
 from livefuse.settings import Settings
 from livefuse.stream.quality import QUALITY_MODES
-from livefuse.web import auth, http_limits, ice, pages, relay_api, webrtc
+from livefuse.web import auth, http_limits, ice, pages, relay_api, tickets, webrtc
 from livefuse.web import metrics as metrics_module
 from livefuse.web import sources as sources_module
 from livefuse.web.errors import ApiError, json_error, sdp_error
@@ -130,6 +130,7 @@ def _auth(settings: Settings) -> Any:
     """Bearer tokens by scope (web/auth.py): 401 without a known token, 403 with one
     whose scope does not cover the request."""
     tokens = auth.Tokens(settings)
+    ticket_key = tickets.ticket_key(settings)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -141,6 +142,17 @@ def _auth(settings: Settings) -> Any:
         header = request.headers.get("Authorization", "")
         scope = tokens.scope_of(header)
         if scope in allowed:
+            return await handler(request)
+        ticket = request.query.get("ticket")
+        if (
+            scope is None
+            and ticket is not None
+            and ticket_key is not None
+            and request.method == "POST"
+            and _is_sdp_path(request.path)
+            and tickets.is_valid(ticket_key, ticket, request.method, request.path)
+        ):
+            # A peer redirected this offer here after checking its token (web/tickets.py).
             return await handler(request)
         service = request.app[SERVICE_KEY]
         make = sdp_error if _is_sdp_path(request.path) else json_error

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Protocol, cast
 from aiohttp import web
 from aiortc import MediaStreamTrack, RTCIceCandidate, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription, candidate_from_sdp
+from yarl import URL
 
 from livefuse.engines.pipeline import FaceSelection
 from livefuse.stream import codecs
 from livefuse.stream.quality import QUALITY_MODES
 from livefuse.stream.shared_encode import EncodedVideoTrack
-from livefuse.web import ice
+from livefuse.web import ice, tickets
 from livefuse.web.errors import ApiError, sdp_error
 from livefuse.web.peers import publisher_target
 from livefuse.web.service import NAME_PATTERN, Broadcast, LiveSession, close_peer
@@ -236,7 +237,7 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
         # Scale-out (web/peers.py): a full node, or one a peer beats, sends the offer on.
         target = publisher_target(service.capacity(), service.peers, name=name)
         if target is not None:
-            return _redirect(target + request.path_qs)
+            return _redirect(service, request, target)
     # A named stream: its broadcast (viewers, pushes) is the name's; 409 while live.
     broadcast = await service.claim_name(name) if name is not None else None
     try:
@@ -319,10 +320,18 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
     )
 
 
-def _redirect(url: str) -> web.Response:
-    """307: the client sends the same request, body and method, to `url` (RFC 9725 4.5)."""
+def _redirect(service: Service, request: web.Request, peer: str) -> web.Response:
+    """307 to the same path on `peer`: the client sends the same request, body and
+    method, there (RFC 9725 4.5). With tokens, the URL carries a ticket standing in for
+    the Authorization header, which clients do not send on to another host."""
+    url = URL(peer).join(request.rel_url.with_query(None))
+    query = {k: v for k, v in request.query.items() if k != "ticket"}
+    key = tickets.ticket_key(service.settings)
+    if key is not None:
+        query["ticket"] = tickets.issue(key, request.method, request.path)
+    url = url.with_query(query)
     return web.Response(
-        status=307, headers={"Location": url}, text=f"this node is full: go to {url}\n"
+        status=307, headers={"Location": str(url)}, text=f"this node is full: go to {url}\n"
     )
 
 
@@ -436,7 +445,7 @@ async def whep_post(request: web.Request, service: Service) -> web.Response:
         # A named stream held by another node: its viewers go there.
         holder = service.peers.holder_of(key)
         if holder is not None:
-            return _redirect(holder + request.path_qs)
+            return _redirect(service, request, holder)
     broadcast = _broadcast_or_404(service, key)
     if video_direction(description) not in ("recvonly", "sendrecv"):
         raise sdp_error(400, "bad_direction", "a WHEP offer must receive video (recvonly)")

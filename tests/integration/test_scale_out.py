@@ -22,10 +22,12 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from livefuse.settings import Settings
-from tests.webrtc_peers import Peer, live_server, publish, watch
+from tests.webrtc_peers import Peer, bearer, live_server, publish, watch
 
 pytestmark = pytest.mark.slow
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+TOKEN = "scale-out-token"
+AUTH = bearer(TOKEN)
 
 
 def _free_port(host: str) -> int:
@@ -120,7 +122,7 @@ async def _all_ready(nodes: list[Node]) -> None:
 
 
 async def sessions_on(http: aiohttp.ClientSession, node: Node) -> int:
-    async with http.get(f"{node.base}/api/v1/sessions") as response:
+    async with http.get(f"{node.base}/api/v1/sessions", headers=AUTH) as response:
         assert response.status == 200
         return len((await response.json())["sessions"])
 
@@ -143,7 +145,9 @@ def test_three_nodes_one_entry_url(nodes: list[Node]) -> None:
             publishers: list[Peer] = []
             for _ in HOSTS:
                 publishers.append(
-                    await publish(http, entry, [frame], token=None, direction="sendonly")
+                    # The token does not follow a redirect to another host: the redirect
+                    # carries a ticket in its place (web/tickets.py).
+                    await publish(http, entry, [frame], token=TOKEN, direction="sendonly")
                 )
                 await asyncio.sleep(1.5)  # the entry's view of its peers catches up
             # Each landed on a node of its own; their Locations are absolute, on that node.
@@ -158,11 +162,11 @@ def test_three_nodes_one_entry_url(nodes: list[Node]) -> None:
             assert pc.localDescription is not None
             offer = pc.localDescription.sdp
             async with http.post(
-                f"{entry}/whip", data=offer, headers={"Content-Type": "application/sdp"}
+                f"{entry}/whip", data=offer, headers={"Content-Type": "application/sdp", **AUTH}
             ) as response:
                 assert response.status == 503, await response.text()
                 assert response.headers.get("Retry-After")
-            async with http.get(f"{entry}/metrics") as response:
+            async with http.get(f"{entry}/metrics", headers=AUTH) as response:
                 scraped = await response.text()
             assert "livefuse_capacity_headroom 0.0" in scraped, scraped
 
@@ -179,10 +183,10 @@ def test_three_nodes_one_entry_url(nodes: list[Node]) -> None:
                 await asyncio.sleep(0.2)
             # Room on the second node; the next publisher goes there, not to the dead one.
             freed = by_host[nodes[1].host]
-            async with http.delete(freed.location) as response:
+            async with http.delete(freed.location, headers=AUTH) as response:
                 assert response.status == 200
             await asyncio.sleep(3.5)  # long enough for the stopped node to count as gone
-            late = await publish(http, entry, [frame], token=None, direction="sendonly")
+            late = await publish(http, entry, [frame], token=TOKEN, direction="sendonly")
             assert host_of(late.location) == nodes[1].host, late.location
             for peer in [*publishers, late]:
                 await peer.close()
@@ -229,7 +233,7 @@ def test_relay_whip_republishes_to_another_server(settings: Settings) -> None:
                     grey = np.median(rest.reshape(-1, 3), axis=0)
                     assert float(np.abs(rest - grey).mean()) < 3
                     assert float(np.abs(corner - grey).mean()) > 10
-                    async with http.get(f"{node.base}/api/v1/sessions") as response:
+                    async with http.get(f"{node.base}/api/v1/sessions", headers=AUTH) as response:
                         (session,) = (await response.json())["sessions"]
                     assert session["relay_whip"]["state"] == "live", session["relay_whip"]
                     await publisher.close()
