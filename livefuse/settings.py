@@ -180,6 +180,12 @@ class Settings(BaseSettings):
     commas, or `dns:NAME[:PORT]` whose A/AAAA records are the peers (a Kubernetes headless
     Service). A full node redirects new publishers to the peer with most room (307)."""
 
+    public_url: str | None = None
+    """This node's base URL as clients reach it (e.g. `https://node-3.live.example.net`),
+    when peers are set: what a peer redirects publishers to, and the base of the
+    absolute Locations of its sessions. Default: the address the peers polled it at, and
+    the Host of each request."""
+
     relay_whip: str | None = None
     """Re-publish every stream's swapped video and audio to a media server over WHIP
     (`livefuse serve --relay-whip URL`); `{name}` in the URL becomes the stream's name (or

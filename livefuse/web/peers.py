@@ -48,6 +48,8 @@ class Capacity:
     """The busiest engine stage's share of the last seconds (0..1)."""
     streams: tuple[str, ...]
     """The named streams it holds (their viewers go there)."""
+    url: str | None = None
+    """The base URL clients reach it at (its `public_url`), when it says."""
 
     @property
     def headroom(self) -> int:
@@ -65,6 +67,7 @@ class Capacity:
             "accepting": self.accepting,
             "engine_load": round(self.engine_load, 3),
             "streams": list(self.streams),
+            "url": self.url,
         }
 
     @classmethod
@@ -81,6 +84,7 @@ class Capacity:
                 accepting=bool(data["accepting"]),
                 engine_load=float(data.get("engine_load", 0.0)),
                 streams=tuple(str(name) for name in data.get("streams", [])),
+                url=str(data["url"]) if data.get("url") else None,
             )
         except (KeyError, TypeError) as error:
             raise ValueError(f"not a capacity: {error}") from error
@@ -164,6 +168,10 @@ class PeerSet:
                 log.warning("event=peer_unreachable peer=%s error=%r", base, str(error))
                 del self._latest[base]
             return
+        self.record(base, capacity)
+
+    def record(self, base: str, capacity: Capacity) -> None:
+        """A peer's answer (from the poll)."""
         if capacity.node == self._own_node:
             return  # this node, among the DNS records
         if base not in self._latest:
@@ -176,15 +184,16 @@ class PeerSet:
         return {base: c for base, (c, at) in self._latest.items() if now - at <= STALE_AFTER_S}
 
     def roomiest(self) -> tuple[str, Capacity] | None:
-        """The live peer with the most headroom (the least loaded engine among equals)."""
-        candidates = [(b, c) for b, c in self.live().items() if c.headroom > 0]
+        """The live peer with the most headroom (the least loaded engine among equals),
+        by the URL clients reach it at."""
+        candidates = [(c.url or b, c) for b, c in self.live().items() if c.headroom > 0]
         if not candidates:
             return None
         return max(candidates, key=lambda bc: (bc[1].headroom, -bc[1].engine_load))
 
     def holder_of(self, name: str) -> str | None:
-        """The base URL of a live peer that holds the named stream."""
-        return next((b for b, c in self.live().items() if name in c.streams), None)
+        """The URL clients reach a live peer that holds the named stream at."""
+        return next((c.url or b for b, c in self.live().items() if name in c.streams), None)
 
 
 def publisher_target(own: Capacity, peers: PeerSet, *, name: str | None) -> str | None:

@@ -248,6 +248,7 @@ class Service:
             accepting=self.ready and not self._stopping,
             engine_load=load,
             streams=tuple(self.broadcasts),
+            url=self.settings.public_url,
         )
 
     def require_ready(self) -> FacePipeline:

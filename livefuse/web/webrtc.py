@@ -338,7 +338,10 @@ def _redirect(service: Service, request: web.Request, peer: str) -> web.Response
 def _location(request: web.Request, service: Service, path: str) -> str:
     """A resource's Location: absolute when the node has peers, since PATCH and DELETE
     (which do not follow redirects) must reach this node, not the entry URL's."""
-    return str(request.url.origin()) + path if service.peers is not None else path
+    if service.peers is None:
+        return path
+    base = service.settings.public_url or str(request.url.origin())
+    return base.rstrip("/") + path
 
 
 def _ice_server_links(service: Service) -> dict[str, str]:
