@@ -14,12 +14,14 @@ exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -365,24 +367,11 @@ class Service:
         """A session fed by an FFmpeg ingest of `url` (checked by the caller): it counts
         against the session limit like a WHIP publisher, and stays up while a live feed
         reconnects; a file that ends ends it."""
-        broadcast = await self.claim_name(name) if name is not None else None
-        try:
-            self.reserve_session()
-        except BaseException:
-            if broadcast is not None:
-                await self.forget_if_idle(broadcast)
-            raise
-        session_id = self.new_id()
         loop = asyncio.get_running_loop()
-        try:
-            stream = self.new_stream(
-                session_id,
-                quality=quality,
-                face_selection=face_selection,
-                broadcast=broadcast,
-                # A feed that drops is retried: its silence does not end the session.
-                idle_timeout_s=math.inf,
-            )
+        # A feed that drops is retried: its silence does not end the session.
+        async with self.opening_session(
+            name=name, quality=quality, face_selection=face_selection, idle_timeout_s=math.inf
+        ) as (session_id, stream, broadcast):
             stream.engine_session.source = source.face if source else None
             stream.engine_session.label = label
             ingest = Ingest(
@@ -392,27 +381,57 @@ class Service:
                     functools.partial(self.schedule_end, session_id, reason="the feed ended")
                 ),
             )
-        except BaseException:
-            self.release_reservation()
-            if broadcast is not None:
-                await self.forget_if_idle(broadcast)
-            raise
-        self.release_reservation()
-        session = LiveSession(
-            id=session_id,
-            stream=stream,
-            broadcast=broadcast or self.own_broadcast(session_id, stream),
-            source=source,
-            mode="ingest",
-            ingest=ingest,
-        )
-        self.add_session(session)
+            session = LiveSession(
+                id=session_id,
+                stream=stream,
+                broadcast=broadcast,
+                source=source,
+                mode="ingest",
+                ingest=ingest,
+            )
+            self.add_session(session)
         ingest.start()
         return session
 
-    def own_broadcast(self, session_id: str, stream: StreamSession) -> Broadcast:
-        """An unnamed session's broadcast: its own channel, ended with it."""
-        return Broadcast(key=session_id, channel=stream.channel, named=False)
+    @contextlib.asynccontextmanager
+    async def opening_session(
+        self,
+        *,
+        name: str | None,
+        quality: QualityMode,
+        face_selection: FaceSelection,
+        idle_timeout_s: float | None = None,
+    ) -> AsyncIterator[tuple[str, StreamSession, Broadcast]]:
+        """A new publisher's session while it is set up: (its id, its stream, its
+        broadcast). It counts against the session limit from here (503 when full), on
+        its named stream (409 while another publisher is live there) or a channel of its
+        own. The caller makes it live with `add_session`; if anything inside fails, the
+        stream is closed and a name nobody uses is let go."""
+        broadcast = await self.claim_name(name) if name is not None else None
+        stream: StreamSession | None = None
+        reserved = False
+        try:
+            self.reserve_session()
+            reserved = True
+            session_id = self.new_id()
+            stream = self.new_stream(
+                session_id,
+                quality=quality,
+                face_selection=face_selection,
+                broadcast=broadcast,
+                idle_timeout_s=idle_timeout_s,
+            )
+            own = Broadcast(key=session_id, channel=stream.channel, named=False)
+            yield session_id, stream, broadcast or own
+        except BaseException:
+            if stream is not None:
+                await stream.close()
+            if broadcast is not None:
+                await self.forget_if_idle(broadcast)
+            raise
+        finally:
+            if reserved:
+                self.release_reservation()
 
     def add_session(self, session: LiveSession) -> None:
         self.sessions[session.id] = session

@@ -239,60 +239,38 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
         if target is not None:
             return _redirect(service, request, target)
     # A named stream: its broadcast (viewers, pushes) is the name's; 409 while live.
-    broadcast = await service.claim_name(name) if name is not None else None
-    try:
-        service.reserve_session()
-    except BaseException:
-        if broadcast is not None:
-            await service.forget_if_idle(broadcast)
-        raise
-    session_id = service.new_id()
-    try:
-        stream = service.new_stream(
-            session_id,
-            quality=quality,
-            face_selection=cast(FaceSelection, face_selection),
+    async with service.opening_session(
+        name=name, quality=quality, face_selection=cast(FaceSelection, face_selection)
+    ) as (session_id, stream, broadcast):
+        stream.engine_session.source = source.face if source else None
+        if label is not None:  # else the server's default (`label_default`)
+            stream.engine_session.label = LABEL_VALUES[label]
+        pc = service.new_peer_connection()
+        try:
+
+            @pc.on("track")
+            def on_track(track: MediaStreamTrack) -> None:
+                if track.kind == "video":
+                    stream.attach_video(track)
+                elif track.kind == "audio":
+                    stream.attach_audio(track)
+
+            # A sendrecv publisher gets the processed video back on the same m-line; its
+            # audio is not echoed back to it.
+            video = stream.video_output if direction == "sendrecv" else None
+            answer_sdp = await answer(pc, offer_sdp, video=video)
+        except BaseException:
+            await close_peer(pc)
+            raise
+        session = LiveSession(
+            id=session_id,
+            stream=stream,
             broadcast=broadcast,
+            pc=pc,
+            source=source,
+            mode="sendrecv" if direction == "sendrecv" else "sendonly",
         )
-    except BaseException:
-        service.release_reservation()
-        if broadcast is not None:
-            await service.forget_if_idle(broadcast)
-        raise
-    stream.engine_session.source = source.face if source else None
-    if label is not None:  # else the server's default (`label_default`)
-        stream.engine_session.label = LABEL_VALUES[label]
-    pc = service.new_peer_connection()
-    try:
-
-        @pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "video":
-                stream.attach_video(track)
-            elif track.kind == "audio":
-                stream.attach_audio(track)
-
-        # A sendrecv publisher gets the processed video back on the same m-line; its
-        # audio is not echoed back to it.
-        video = stream.video_output if direction == "sendrecv" else None
-        answer_sdp = await answer(pc, offer_sdp, video=video)
-    except BaseException:
-        service.release_reservation()
-        await stream.close()
-        await close_peer(pc)
-        if broadcast is not None:
-            await service.forget_if_idle(broadcast)
-        raise
-    service.release_reservation()
-    session = LiveSession(
-        id=session_id,
-        stream=stream,
-        broadcast=broadcast or service.own_broadcast(session_id, stream),
-        pc=pc,
-        source=source,
-        mode="sendrecv" if direction == "sendrecv" else "sendonly",
-    )
-    service.add_session(session)
+        service.add_session(session)
 
     @pc.on("connectionstatechange")
     def on_state() -> None:
