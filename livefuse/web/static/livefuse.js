@@ -119,5 +119,19 @@ const LiveFuse = (() => {
     }
   }
 
-  return { token, setToken, api, exchange, hangUp, ApiProblem };
+  // A peer connection with the server's STUN/TURN servers (short-lived TURN credentials
+  // from GET /api/v1/ice-servers), so a browser on another network can reach it through
+  // TURN. Without them (none configured, or the call fails) it still works on a LAN.
+  async function peerConnection() {
+    let iceServers = [];
+    try {
+      const response = await fetch("/api/v1/ice-servers", { headers: headers() });
+      if (response.ok) iceServers = (await response.json()).iceServers || [];
+    } catch (error) {
+      iceServers = [];
+    }
+    return new RTCPeerConnection({ iceServers });
+  }
+
+  return { token, setToken, api, exchange, hangUp, peerConnection, ApiProblem };
 })();

@@ -115,7 +115,7 @@
       return;
     }
     $("camera").srcObject = state.camera;
-    const pc = new RTCPeerConnection();
+    const pc = await LiveFuse.peerConnection();
     state.pc = pc;
     const [track] = state.camera.getVideoTracks();
     track.contentHint = "motion";

@@ -67,7 +67,7 @@
 
   async function connect() {
     hangUpCurrent();
-    const peer = new RTCPeerConnection();
+    const peer = await LiveFuse.peerConnection();
     pc = peer;
     peer.addTransceiver("video", { direction: "recvonly" });
     peer.addTransceiver("audio", { direction: "recvonly" });
