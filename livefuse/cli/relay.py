@@ -141,7 +141,8 @@ class _StatusLine:
         text = (
             f"in {ingest.state} {stats.fps_in:5.1f} fps | out {out.state} "
             f"{stats.fps_out:5.1f} fps {out.bitrate_kbps:6.0f} kbps | dropped {stats.dropped} "
-            f"| quality {stats.quality} | faces {stats.swapped}/{stats.faces}"
+            f"| latency p95 {stats.latency_ms['p95']:.0f} ms | quality {stats.quality} "
+            f"| faces {stats.swapped}/{stats.faces}"
         )
         if "retrying" in (ingest.state, out.state):
             text += f" | {ingest.last_error or out.last_error}"

@@ -163,7 +163,9 @@ class Ingest:
             video = container.streams.video[0]
             audio = container.streams.audio[0] if container.streams.audio else None
             streams = [video, audio] if audio is not None else [video]
-            video.thread_type = "AUTO"
+            # One decoding thread: a 720p frame takes a few ms, and FFmpeg's frame threads
+            # would compete with the engine's workers for the cores in bursts.
+            video.thread_count = 1
             self._feed_origin = None
             self.state = "live"
             log.info(

@@ -146,6 +146,8 @@ class _FlvWriter:
             video.bit_rate = bitrate_kbps * 1000
             video.options = {
                 "preset": H264_PRESET,
+                # One thread, as for the ingest's decoder: the engine needs the cores.
+                "threads": "1",
                 "tune": "zerolatency",
                 # Keyframes are forced by time (below); none in between from scene cuts.
                 "x264-params": "scenecut=0:keyint=infinite:repeat-headers=1",
