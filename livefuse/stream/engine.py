@@ -66,6 +66,7 @@ from livefuse.stream.frames import (
     ms_since,
     scaled,
 )
+from livefuse.stream.health import StageHealth
 from livefuse.stream.quality import (
     LEVELS_BY_NAME,
     QUALITY_MODES,
@@ -153,6 +154,9 @@ class EngineSession:
         self._quality: QualityMode = "auto"
         self.quality = quality
         self.errors: Counter[str] = Counter()
+        self.passthrough: str | None = None
+        """Why the last frame went out unswapped (`stage: error`); None once one goes
+        through without failing. In the session's stats, so a user sees why."""
         self.submitted = 0
         self.dropped = 0
         """Frames replaced in the slot before the engine took them."""
@@ -284,6 +288,7 @@ class EngineSession:
         )
         with self._counts:
             self.frames_out += 1
+            self.passthrough = None
         faces = tuple(face.marked(job.swapped_ids) for face in job.faces)
         return ProcessedFrame(image=image, stats=stats, tag=job.tag, faces=faces)
 
@@ -297,6 +302,7 @@ class EngineSession:
         """
         with self._counts:
             self.errors[stage] += 1
+            self.passthrough = f"{stage}: {type(error).__name__}: {error}"[:300]
         image = job.image
         if image is None and isinstance(job.frame, np.ndarray) and job.frame.dtype == np.uint8:
             image = job.frame
@@ -439,6 +445,8 @@ class FrameEngine:
         self.governor = QualityController(mode="auto", target_fps=target_fps)
         """The level every `auto` session runs at, fed by their frames."""
         self.metrics = EngineMetrics()
+        self.health = StageHealth()
+        """Stages failing on every frame, across sessions (stream/health.py)."""
         self.swap_pool: SwapPool | None = None
         if swap_processes > 0:
             if faces.models_dir is None:
@@ -840,9 +848,13 @@ class FrameEngine:
         if job.failure is None:
             job.stages_ms["swap"] = swap_ms
             output = session._finish(job)
+            self.health.succeeded("track")
+            if job.swapped_ids:
+                self.health.succeeded("swap")
         else:
             stage, error = job.failure
             self.metrics.error(stage)
+            self.health.failed(stage, f"{type(error).__name__}: {error}")
             output = session._passthrough(job, stage, error)
         dropped = session._take_dropped()
         # Before the frame is handed back: a caller of `process` who restarts the level

@@ -77,6 +77,9 @@ class SessionStats:
     PLIs sent, frames that could not be decoded); empty for a feed that is no aiortc
     track."""
     """The shared H.264 encode (`EncoderStats`); empty while no H.264 sender has joined."""
+    passthrough: str | None = None
+    """Why the last frame went out unswapped (`stage: error`), or None when it did not
+    fail (`EngineSession.passthrough`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +97,7 @@ class SessionStats:
             "repeated_frames": self.repeats,
             "encode": self.encode,
             "video_in": self.video_in,
+            "passthrough": self.passthrough,
         }
 
 
@@ -317,6 +321,7 @@ class StreamSession:
             repeats=self.channel.repeats,
             encode=encode.as_dict() if encode else {},
             video_in=watch.as_dict() if watch else {},
+            passthrough=self.engine_session.passthrough,
         )
 
     @property

@@ -13,8 +13,11 @@ regions are copied back.
 Only the mesh swapper's faces travel: inswapper, the face enhancer and the occlusion
 parser read beyond a face's own surroundings, so batches that use them stay in-thread.
 A child that dies, hangs or fails loses only its units of that batch (those faces go out
-unswapped, counted as a swap error); the next batch starts a new child, after a pause if
-it keeps failing. While a child is starting (loading its models), its share stays here.
+unswapped, counted as a swap error); a new child is started after a pause that doubles
+with each failure in a row. After a few failures in a row (a model file broken on disk,
+a child killed at every start) it is given up on, with one ERROR that says why, and its
+share of the swaps runs in the engine's own thread from then on. While a child is
+starting (loading its models), its share stays here too.
 """
 
 from __future__ import annotations
@@ -58,9 +61,12 @@ _SLOTS_PER_CHILD = 2
 _MIN_SLOT_BYTES = 4 * 1280 * 720 * 3
 # Sources a child keeps (a session's source is sent once, then named by its key).
 _SOURCES_KEPT = 64
-# A child that failed is not started again for this long (a broken model file would
-# otherwise respawn it every batch).
-_RESTART_PAUSE_S = 5.0
+# A child that failed is not started again for this long, doubled with each failure in a
+# row up to the cap (a broken model file would otherwise respawn it every batch) ...
+RESTART_PAUSE_S = 1.0
+_RESTART_PAUSE_CAP_S = 30.0
+# ... and not at all after this many failures in a row without a swap answered between.
+MAX_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -202,13 +208,28 @@ class _SwapChild:
     other's results are copied back (double buffering). `lock` guards the state both
     threads touch."""
 
-    def __init__(self, *, models_dir: Path, index: int) -> None:
+    def __init__(
+        self,
+        *,
+        models_dir: Path,
+        index: int,
+        restart_pause_s: float,
+        max_failures: int,
+        on_give_up: Callable[[_SwapChild], None],
+    ) -> None:
         self.models_dir = models_dir
         self.index = index
         self.child: ChildProcess | None = None
         self.generation = 0
-        self.failed_at = -_RESTART_PAUSE_S
+        self.failed_at = 0.0
+        self.failures = 0
+        """Failures in a row, without a swap answered between them."""
+        self.last_error: str | None = None
+        self.given_up = False
         self.stopped = False
+        self._restart_pause_s = restart_pause_s
+        self._max_failures = max_failures
+        self._on_give_up = on_give_up
         self.lock = threading.Condition()
         self._free_slots = [_SharedSlot() for _ in range(_SLOTS_PER_CHILD)]
         self._all_slots = list(self._free_slots)
@@ -235,11 +256,14 @@ class _SwapChild:
         """Running and ready (models loaded); starts a replacement for a failed child
         once the pause is over. Never waits."""
         with self.lock:
-            if self.stopped:
+            if self.stopped or self.given_up:
                 return False
             if self.child is None or not self.child.running:
-                if time.monotonic() - self.failed_at < _RESTART_PAUSE_S:
+                if time.monotonic() - self.failed_at < self._pause():
                     return False
+                log.info(
+                    "event=swap_process_restart process=%d failures=%d", self.index, self.failures
+                )
                 self.start()
             assert self.child is not None
             try:
@@ -247,6 +271,11 @@ class _SwapChild:
             except RuntimeError as error:
                 self._fail(error)
                 return False
+
+    def _pause(self) -> float:
+        if self.failures == 0:
+            return 0.0
+        return min(self._restart_pause_s * 2 ** (self.failures - 1), _RESTART_PAUSE_CAP_S)
 
     def fail(self, error: BaseException) -> None:
         with self.lock:
@@ -264,15 +293,27 @@ class _SwapChild:
                 self._fail(error)
 
     def _fail(self, error: BaseException) -> None:
-        if self.stopped:  # ended on purpose: whoever waited just hears it
+        if self.stopped or self.given_up:  # ended on purpose: whoever waited just hears it
             return
-        log.warning("event=swap_process_failed process=%d error=%r", self.index, str(error))
+        self.failures += 1
+        self.last_error = str(error)
         self.failed_at = time.monotonic()
         if self.child is not None:
             self.child.stop()
         self._sources.clear()
         self._pending_sources.clear()
         self.lock.notify_all()
+        if self.failures >= self._max_failures:
+            self.given_up = True
+            self._on_give_up(self)
+        else:
+            log.warning(
+                "event=swap_process_failed process=%d failures=%d retry_in_s=%.1f error=%r",
+                self.index,
+                self.failures,
+                self._pause(),
+                self.last_error,
+            )
 
     def send(self, units: list[SwapUnit], options: list[tuple[Any, ...]]) -> _Request:
         """Copy the units' pixels into a free slot (waiting for one) and send them.
@@ -324,6 +365,8 @@ class _SwapChild:
                     raise _StaleRequest(f"swap process {self.index} was restarted")
             # Not under the lock: the dispatching thread may send meanwhile.
             errors: list[str | None] = child.receive(timeout=_ANSWER_TIMEOUT_S)
+            with self.lock:
+                self.failures = 0  # it works: a later failure starts the count afresh
             memory = request.slot.array(request.layout.size)
             for unit, error in zip(request.units, errors, strict=True):
                 if error is None:
@@ -468,16 +511,67 @@ class _StaleRequest(RuntimeError):
 class SwapPool:
     """Child processes that swap part of each batch (see the module docstring)."""
 
-    def __init__(self, *, models_dir: Path, processes: int) -> None:
+    def __init__(
+        self,
+        *,
+        models_dir: Path,
+        processes: int,
+        restart_pause_s: float = RESTART_PAUSE_S,
+        max_failures: int = MAX_FAILURES,
+    ) -> None:
+        """`restart_pause_s` after a child's first failure (doubling with each one in a
+        row), given up on after `max_failures` in a row."""
         if processes < 1:
             raise ValueError("a swap pool needs at least one process")
-        self._children = [_SwapChild(models_dir=models_dir, index=i) for i in range(processes)]
+        self._given_up_lock = threading.Lock()
+        self._reported = False
+        self._children = [
+            _SwapChild(
+                models_dir=models_dir,
+                index=i,
+                restart_pause_s=restart_pause_s,
+                max_failures=max_failures,
+                on_give_up=self._gave_up,
+            )
+            for i in range(processes)
+        ]
         # The child that last swapped each session's faces: sent there again when that
         # keeps the load even, its renders between landmark refits are at hand there
         # (MeshSwapper.warp keeps them).
         self._last_child: weakref.WeakKeyDictionary[EngineSession, int] = (
             weakref.WeakKeyDictionary()
         )
+
+    def _gave_up(self, child: _SwapChild) -> None:
+        """A child failed too often: said loudly once (the cause is nearly always the
+        same for every child), then quietly for the others."""
+        with self._given_up_lock:
+            first, self._reported = not self._reported, True
+        given_up = sum(1 for c in self._children if c.given_up)
+        (log.error if first else log.warning)(
+            "event=swap_process_given_up process=%d failures=%d given_up=%d/%d cause=%r: "
+            "not started again; its share of the swaps runs in the engine's own thread",
+            child.index,
+            child.failures,
+            given_up,
+            len(self._children),
+            child.last_error,
+        )
+
+    def problem(self) -> str | None:
+        """What is wrong with the pool in words (children given up on), or None."""
+        given_up = [child for child in self._children if child.given_up]
+        if not given_up:
+            return None
+        return (
+            f"{len(given_up)} of {len(self._children)} swap processes given up after "
+            f"{given_up[0].failures} failures in a row ({given_up[0].last_error}); "
+            "their swaps run in the engine's thread"
+        )
+
+    def starts(self) -> int:
+        """Child processes started so far, restarts included."""
+        return sum(child.generation for child in self._children)
 
     def processes(self) -> list[Any]:
         """The child processes running now (multiprocessing.Process objects)."""

@@ -2,23 +2,31 @@
 global one, so several apps can live side by side in tests).
 
 Per-frame values (latency, frames out, errors by stage) are counted as frames leave a
-session; per-session state (fps, quality level, drops, viewers) is read from the live
-sessions at scrape time, so a session that ends takes its series with it.
+session; the live sessions' state (fps, quality levels, drops, viewers) is summed over
+them at scrape time. No series carries a session id. `/metrics` on the app needs the
+admin token when tokens are set; `scrape_listener` serves it without one on an address
+of its own (settings `metrics_host`, `metrics_port`) for Prometheus.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import collections
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Protocol
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from livefuse.stream.engine import EngineMetrics
 from livefuse.stream.frames import FrameStats
+from livefuse.stream.health import StageHealth
 from livefuse.stream.quality import QualityController
 from livefuse.stream.session import SessionStats
+
+log = logging.getLogger("livefuse.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
@@ -33,10 +41,11 @@ class EngineView(Protocol):
     @property
     def governor(self) -> QualityController: ...
 
+    @property
+    def health(self) -> StageHealth: ...
+
 
 class LiveSessionView(Protocol):
-    id: str
-
     def stats(self) -> SessionStats: ...
 
     @property
@@ -44,6 +53,10 @@ class LiveSessionView(Protocol):
 
 
 class _SessionCollector(Collector):
+    """The live sessions as aggregates: no series names a session (its id is a secret
+    of sorts, and one series per session is unbounded cardinality for Prometheus).
+    Per-session figures are in the authenticated API (`GET /api/v1/sessions`)."""
+
     def __init__(
         self,
         sessions: Callable[[], Iterable[LiveSessionView]],
@@ -60,33 +73,46 @@ class _SessionCollector(Collector):
         yield GaugeMetricFamily(
             "livefuse_ready", "1 when the models are loaded and warm", value=float(self._ready())
         )
-        yield GaugeMetricFamily("livefuse_sessions", "Live WHIP sessions", value=len(sessions))
-        viewers = GaugeMetricFamily(
-            "livefuse_viewers", "WHEP viewers per session", labels=["session"]
+        yield GaugeMetricFamily("livefuse_sessions", "Live sessions", value=len(sessions))
+        all_stats = [session.stats() for session in sessions]
+        yield GaugeMetricFamily(
+            "livefuse_viewers",
+            "WHEP viewers of all live sessions",
+            value=sum(session.viewer_count for session in sessions),
         )
         fps = GaugeMetricFamily(
-            "livefuse_session_fps", "Frames per second", labels=["session", "direction"]
+            "livefuse_sessions_fps",
+            "Frames per second, summed over the live sessions",
+            labels=["direction"],
         )
-        dropped = GaugeMetricFamily(
-            "livefuse_session_dropped_frames", "Frames never processed", labels=["session"]
+        fps.add_metric(["in"], sum(stats.fps_in for stats in all_stats))
+        fps.add_metric(["out"], sum(stats.fps_out for stats in all_stats))
+        yield fps
+        yield GaugeMetricFamily(
+            "livefuse_sessions_dropped_frames",
+            "Frames never processed, summed over the live sessions",
+            value=sum(stats.dropped for stats in all_stats),
         )
-        quality = GaugeMetricFamily(
-            "livefuse_session_quality",
-            "Quality level in force (1 for the current level)",
-            labels=["session", "level"],
+        by_level = GaugeMetricFamily(
+            "livefuse_sessions_by_quality",
+            "Live sessions at each quality level",
+            labels=["level"],
         )
-        p95 = GaugeMetricFamily(
-            "livefuse_session_latency_p95_seconds", "Frame latency p95", labels=["session"]
+        levels = collections.Counter(stats.quality for stats in all_stats)
+        for level, count in sorted(levels.items()):
+            by_level.add_metric([level], count)
+        yield by_level
+        yield GaugeMetricFamily(
+            "livefuse_sessions_latency_p95_seconds_max",
+            "The highest frame latency p95 of the live sessions",
+            value=max((stats.latency_ms.get("p95", 0.0) for stats in all_stats), default=0.0)
+            / 1000.0,
         )
-        for session in sessions:
-            stats = session.stats()
-            viewers.add_metric([session.id], session.viewer_count)
-            fps.add_metric([session.id, "in"], stats.fps_in)
-            fps.add_metric([session.id, "out"], stats.fps_out)
-            dropped.add_metric([session.id], stats.dropped)
-            quality.add_metric([session.id, stats.quality], 1.0)
-            p95.add_metric([session.id], stats.latency_ms.get("p95", 0.0) / 1000.0)
-        yield from (viewers, fps, dropped, quality, p95)
+        yield GaugeMetricFamily(
+            "livefuse_sessions_passing_through",
+            "Live sessions whose last frame went out unswapped after an error",
+            value=sum(1 for stats in all_stats if stats.passthrough),
+        )
 
     def _collect_engine(self) -> Iterator[Metric]:
         """The process's one frame engine: how many frames it batched, how busy each of
@@ -114,7 +140,14 @@ class _SessionCollector(Collector):
             labels=["level"],
         )
         level.add_metric([engine.governor.level.name], 1.0)
-        yield from (batches, frames, busy, level)
+        failing = GaugeMetricFamily(
+            "livefuse_engine_stage_failing",
+            "1 while an engine stage fails on every frame (frames pass through unswapped)",
+            labels=["stage"],
+        )
+        for stage in engine.health.failing():
+            failing.add_metric([stage], 1.0)
+        yield from (batches, frames, busy, level, failing)
 
 
 class Metrics:
@@ -164,3 +197,36 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def scrape_listener(
+    metrics: Metrics, *, host: str, port: int
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """An app cleanup context: a second, token-free listener on `host:port` that answers
+    `GET /metrics` and nothing else, for as long as the app runs. OSError (naming the
+    address) when it cannot listen."""
+
+    async def scrape(_: web.Request) -> web.Response:
+        response = web.Response(body=metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE
+        return response
+
+    async def listener(_: web.Application) -> AsyncIterator[None]:
+        scraper = web.Application()
+        scraper.router.add_get("/metrics", scrape)
+        runner = web.AppRunner(scraper, handle_signals=False, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as error:
+            await runner.cleanup()
+            raise OSError(
+                error.errno, f"cannot listen on {host}:{port} for /metrics: {error.strerror}"
+            ) from error
+        log.info("event=metrics_listener address=%s:%d", host, port)
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+
+    return listener

@@ -1,23 +1,32 @@
 """Source faces: uploaded once, prepared once, used by any number of sessions.
 
-An upload is read with a byte limit (the Content-Length is checked before the body is
-read), sniffed by content (the declared type is only a first filter), size-checked from
-the image header before decoding (a decompression bomb is refused, not decoded) and then
-prepared by the face pipeline on a worker thread.
+Everything that can refuse an upload without reading it does so first: the declared
+type (415), the Content-Length (413), a form without a boundary (400), and the number
+of uploads already in memory (503 + Retry-After: at most `max_concurrent_uploads` are
+read and prepared at once, so memory stays bounded whatever the number of clients). The
+body is then streamed with a hard cap (chunked uploads too), a form's fields before the
+image counted against it; sniffed by content (the declared type is only a first
+filter), size-checked from the image header before decoding (a decompression bomb is
+refused, not decoded) and prepared by the face pipeline on a worker thread. A malformed
+form is a 400 in words, never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError
 
 from livefuse.engines.images import ImageError, ImageTooLargeError, NotAnImageError, decode_image
 from livefuse.engines.pipeline import FacePipeline, NoFaceError
@@ -28,6 +37,12 @@ from livefuse.web.errors import ApiError, json_error
 _UPLOAD_TYPES = frozenset(
     {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "application/octet-stream"}
 )
+# A form's own bytes (boundaries, part headers, small fields) allowed beyond the image's.
+_FORM_OVERHEAD = 64 * 1024
+# Fields of a form looked at for `image`; a form is a browser's, with one or two.
+_MAX_FORM_PARTS = 8
+_CHUNK = 64 * 1024
+RETRY_AFTER_BUSY_S = 3
 
 
 @dataclass(frozen=True)
@@ -66,39 +81,44 @@ class SourceStore:
 
 
 class SourcePreparer:
-    """Prepares uploads one at a time on a thread of its own, with a short queue.
+    """Admits uploads a few at a time and prepares them one at a time, on a thread of
+    its own.
 
-    Not the loop's default executor: aiortc encodes every outgoing frame there, and a
-    burst of uploads queued in front of the encoder would stall live video. Past
-    `max_waiting` uploads waiting, the next is refused (503) rather than held in memory.
+    `admit` holds an upload's place from before its body is read until it is prepared:
+    past `max_uploads` in memory, the next is refused (503) unread. Not the loop's
+    default executor: aiortc encodes every outgoing frame there, and a burst of uploads
+    queued in front of the encoder would stall live video.
     """
 
-    def __init__(self, *, max_waiting: int = 4) -> None:
+    def __init__(self, *, max_uploads: int = 2) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livefuse-source")
-        self._max_waiting = max_waiting
-        self._pending = 0
+        self.max_uploads = max_uploads
+        self._admitted = 0
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """A place for one upload (its body read and prepared inside), or 503."""
+        if self._admitted >= self.max_uploads:
+            raise json_error(
+                503,
+                "busy",
+                "the server is taking other faces; try again in a few seconds",
+                headers={"Retry-After": str(RETRY_AFTER_BUSY_S)},
+            )
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
 
     async def prepare(
         self, pipeline: FacePipeline, data: bytes, *, max_bytes: int, max_pixels: int
     ) -> Source:
-        if self._pending >= self._max_waiting + 1:
-            raise json_error(
-                503,
-                "busy",
-                "the server is preparing other faces; try again in a few seconds",
-                headers={"Retry-After": "3"},
-            )
-        self._pending += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._executor,
-                functools.partial(
-                    prepare, pipeline, data, max_bytes=max_bytes, max_pixels=max_pixels
-                ),
-            )
-        finally:
-            self._pending -= 1
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor,
+            functools.partial(prepare, pipeline, data, max_bytes=max_bytes, max_pixels=max_pixels),
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -127,42 +147,91 @@ def prepare(pipeline: FacePipeline, data: bytes, *, max_bytes: int, max_pixels: 
     )
 
 
-async def read_upload(request: web.Request, *, max_bytes: int) -> bytes:
-    """The image bytes of a raw or multipart upload; HTTP errors for what is refused."""
-    if request.content_length is not None and request.content_length > max_bytes + 64 * 1024:
-        raise _too_large(max_bytes)
+def check_declared(request: web.Request, *, max_bytes: int) -> None:
+    """Refuse what the headers alone show cannot be taken: 415, 413, or 400 for a form
+    with no boundary. Reads nothing."""
     content_type = request.content_type.lower()
     if content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        while True:
-            part = await reader.next()
-            if part is None:
-                raise json_error(422, "no_image", "the form has no `image` field")
-            if isinstance(part, BodyPartReader) and part.name == "image":
-                return await _read_limited(part, max_bytes)
-            if isinstance(part, BodyPartReader):
-                await part.release()
-    if content_type not in _UPLOAD_TYPES:
+        if content_type != "multipart/form-data":
+            raise json_error(
+                415,
+                "unsupported_media_type",
+                f"send multipart/form-data, not {content_type}",
+            )
+        if not parse_mimetype(request.headers.get("Content-Type", "")).parameters.get("boundary"):
+            raise json_error(400, "bad_form", "the multipart form has no boundary")
+        limit = max_bytes + _FORM_OVERHEAD
+    elif content_type in _UPLOAD_TYPES:
+        limit = max_bytes
+    else:
         raise json_error(
             415,
             "unsupported_media_type",
             f"send a PNG, JPEG or WebP image (got Content-Type {content_type or 'none'})",
         )
-    data = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        data += chunk
-        if len(data) > max_bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(max_bytes)
+
+
+async def read_upload(request: web.Request, *, max_bytes: int) -> bytes:
+    """The image bytes of a raw or multipart upload (`check_declared` first), streamed
+    with a hard cap; HTTP errors for what is refused."""
+    if request.content_type.lower().startswith("multipart/"):
+        return await _read_form(request, max_bytes=max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(_CHUNK):
+        size += len(chunk)
+        if size > max_bytes:
             raise _too_large(max_bytes)
-    return bytes(data)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_form(request: web.Request, *, max_bytes: int) -> bytes:
+    """The `image` field of a multipart form; the fields before it count against the
+    form's allowance. 400 for a form that is not one (wrong boundary, a header line
+    past aiohttp's limit, no end), 422 for a form without `image`."""
+    budget = max_bytes + _FORM_OVERHEAD
+    try:
+        reader = await request.multipart()
+        for _ in range(_MAX_FORM_PARTS):
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise json_error(400, "bad_form", "a form inside a form is not taken")
+            if part.name == "image":
+                return await _read_limited(part, max_bytes)
+            # Another field: read through (not kept), counted against the allowance.
+            while chunk := await part.read_chunk(_CHUNK):
+                budget -= len(chunk)
+                if budget < max_bytes:
+                    raise json_error(
+                        413, "too_large", "the form's other fields are larger than allowed"
+                    )
+        else:
+            raise json_error(
+                422, "no_image", f"the form has no `image` among its first {_MAX_FORM_PARTS} fields"
+            )
+    except (ValueError, AssertionError, HttpProcessingError) as error:
+        # aiohttp's multipart reader: a wrong or missing boundary, no end, a line too long.
+        reason = " ".join(str(getattr(error, "message", "") or error).split())[:160]
+        raise json_error(
+            400, "bad_form", f"the multipart form cannot be read: {reason or type(error).__name__}"
+        ) from error
+    raise json_error(422, "no_image", "the form has no `image` field")
 
 
 async def _read_limited(part: BodyPartReader, max_bytes: int) -> bytes:
-    data = bytearray()
-    while chunk := await part.read_chunk(64 * 1024):
-        data += chunk
-        if len(data) > max_bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await part.read_chunk(_CHUNK):
+        size += len(chunk)
+        if size > max_bytes:
             raise _too_large(max_bytes)
-    return bytes(data)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _too_large(max_bytes: int) -> ApiError:
@@ -178,17 +247,21 @@ async def create_source(
     max_bytes: int,
     max_pixels: int,
 ) -> web.Response:
-    data = await read_upload(request, max_bytes=max_bytes)
-    try:
-        source = await preparer.prepare(pipeline, data, max_bytes=max_bytes, max_pixels=max_pixels)
-    except ImageTooLargeError as error:
-        raise json_error(413, "too_large", str(error)) from error
-    except NotAnImageError as error:
-        raise json_error(415, "not_an_image", str(error)) from error
-    except ImageError as error:
-        raise json_error(422, "bad_image", str(error)) from error
-    except NoFaceError as error:
-        raise json_error(422, "no_face", str(error)) from error
+    check_declared(request, max_bytes=max_bytes)
+    with preparer.admit():
+        data = await read_upload(request, max_bytes=max_bytes)
+        try:
+            source = await preparer.prepare(
+                pipeline, data, max_bytes=max_bytes, max_pixels=max_pixels
+            )
+        except ImageTooLargeError as error:
+            raise json_error(413, "too_large", str(error)) from error
+        except NotAnImageError as error:
+            raise json_error(415, "not_an_image", str(error)) from error
+        except ImageError as error:
+            raise json_error(422, "bad_image", str(error)) from error
+        except NoFaceError as error:
+            raise json_error(422, "no_face", str(error)) from error
     store.add(source)
     return web.json_response(
         source.as_dict(), status=201, headers={"Location": f"/api/v1/sources/{source.id}"}
