@@ -251,17 +251,18 @@ def test_sendonly_publisher_feeds_whep_viewers(
             assert "limit of 2 viewers" in await response.text()
         state = await session_state(http, server.base, publisher.session_id)
         assert state["viewers"] == 2
-        async with http.get(f"{server.base}/metrics") as response:
+        async with http.get(f"{server.base}/metrics", headers=AUTH) as response:
             metrics = await response.text()
-        sid = publisher.session_id
+        # Aggregates over the live sessions: no series names a session (issue 18).
+        assert publisher.session_id not in metrics
         for series in (
             "livefuse_frame_latency_seconds_bucket",
             "livefuse_frames_out_total",
             "livefuse_faces_swapped_total",
-            f'livefuse_viewers{{session="{sid}"}} 2.0',
-            f'livefuse_session_fps{{direction="out",session="{sid}"}}',
-            f'livefuse_session_quality{{level="{state["stats"]["quality"]}",session="{sid}"}} 1.0',
-            f'livefuse_session_dropped_frames{{session="{sid}"}}',
+            "livefuse_viewers 2.0",
+            'livefuse_sessions_fps{direction="out"}',
+            f'livefuse_sessions_by_quality{{level="{state["stats"]["quality"]}"}} 1.0',
+            "livefuse_sessions_dropped_frames",
         ):
             assert series in metrics, series
         # Each frame is processed once for the session, not once per viewer.
@@ -536,6 +537,8 @@ def test_bad_offers_tokens_and_requests_are_refused(
         async with http.patch(f"{base}/api/v1/sessions/nope", json={}, headers=AUTH) as r:
             assert r.status == 404
         async with http.get(f"{base}/metrics") as response:
+            assert response.status == 401  # the admin token's, like the rest
+        async with http.get(f"{base}/metrics", headers=AUTH) as response:
             text = await response.text()
             assert response.status == 200 and "livefuse_sessions" in text
             assert 'livefuse_requests_refused_total{reason="auth"}' in text
