@@ -236,7 +236,19 @@ async def _post_offer(
         location = response.headers["Location"]
         etag = response.headers.get("ETag", "")
     await pc.setRemoteDescription(RTCSessionDescription(sdp=text, type="answer"))
+    await _connected(pc, url)
     return location, text, etag
+
+
+async def _connected(pc: RTCPeerConnection, url: str, *, within_s: float = 20.0) -> None:
+    """Wait for ICE and DTLS to come up, as a client does before it counts as started:
+    until then the server counts the offer as pending for this address (one WHIP offer
+    at a time by default) and ends it past its ICE deadline."""
+    deadline = time.monotonic() + within_s
+    while pc.connectionState != "connected":
+        assert pc.connectionState not in ("failed", "closed"), f"{url}: {pc.connectionState}"
+        assert time.monotonic() < deadline, f"{url}: not connected within {within_s} s"
+        await asyncio.sleep(0.02)
 
 
 async def publish(

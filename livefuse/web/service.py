@@ -21,7 +21,8 @@ import math
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +156,17 @@ class Service:
         self.problem: str | None = "the models are loading"
         self.sources = SourceStore(limit=settings.max_sources)
         self.preparer = SourcePreparer(max_uploads=settings.max_concurrent_uploads)
+        self.pending_publishers = PendingOffers(
+            per_address=settings.max_pending_publishers_per_address,
+            what="WHIP",
+            refused=lambda: self.metrics.refused.labels(reason="pending").inc(),
+        )
+        self.pending_viewers = PendingOffers(
+            per_address=settings.max_pending_viewers_per_address,
+            what="WHEP",
+            refused=lambda: self.metrics.refused.labels(reason="pending").inc(),
+        )
+        """Offers answered whose connection is not up yet, by client address (issue 18)."""
         self.sessions: dict[str, LiveSession] = {}
         self.broadcasts: dict[str, Broadcast] = {}
         """Named streams, by name (an unnamed session's broadcast hangs off it alone)."""
@@ -581,3 +593,82 @@ async def _stop_transports(pc: RTCPeerConnection) -> None:
             except Exception as error:  # the next one still gets closed
                 log.debug("event=transport_stop_failed error=%r", error)
     pc.remove_all_listeners()
+
+
+def _noop() -> None:
+    pass
+
+
+class PendingOffers:
+    """Offers answered whose peer connection is not up yet, counted by client address:
+    one address may hold `per_address` of them, so it cannot keep every slot with offers
+    that never connect (each lasts at most `ice_connect_timeout_s` anyway)."""
+
+    def __init__(self, *, per_address: int, what: str, refused: Callable[[], None] = _noop) -> None:
+        self.per_address = per_address
+        self.what = what
+        self._refused = refused
+        self._counts: Counter[str] = Counter()
+
+    def hold(self, address: str, *, retry_after_s: float) -> Callable[[], None]:
+        """One more pending offer from `address`, or 429 + Retry-After. Returns its
+        release, which may be called any number of times."""
+        if self._counts[address] >= self.per_address:
+            self._refused()
+            raise sdp_error(
+                429,
+                "too_many_pending",
+                f"{self._counts[address]} {self.what} offer(s) from this address are still "
+                "connecting (pending); try again once they are up",
+                headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))},
+            )
+        self._counts[address] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._counts[address] -= 1
+                if self._counts[address] <= 0:
+                    del self._counts[address]
+
+        return release
+
+    def __len__(self) -> int:
+        return sum(self._counts.values())
+
+
+def watch_ice_deadline(
+    pc: RTCPeerConnection,
+    *,
+    timeout_s: float,
+    on_settled: Callable[[], None],
+    on_timeout: Callable[[], None],
+) -> None:
+    """Call `on_timeout` unless `pc` is connected (ICE and DTLS) within `timeout_s`, and
+    `on_settled` once, when it connects, fails, closes or times out: a peer that counts
+    against a limit from its offer must come up soon or give its place back."""
+    loop = asyncio.get_running_loop()
+    settled = False
+
+    def settle() -> bool:
+        nonlocal settled
+        if settled:
+            return False
+        settled = True
+        deadline.cancel()
+        on_settled()
+        return True
+
+    def expire() -> None:
+        state = pc.connectionState
+        if settle() and state not in ("connected", "failed", "closed"):
+            on_timeout()
+
+    deadline = loop.call_later(timeout_s, expire)
+
+    @pc.on("connectionstatechange")
+    def changed() -> None:
+        if pc.connectionState in ("connected", "failed", "closed"):
+            settle()

@@ -8,10 +8,11 @@ the answer carries them all; a client's own candidates may trickle in by PATCH.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol, cast
 
 from aiohttp import web
@@ -21,12 +22,19 @@ from yarl import URL
 
 from livefuse.engines.pipeline import FaceSelection
 from livefuse.stream import codecs
-from livefuse.stream.quality import QUALITY_MODES
+from livefuse.stream.quality import QUALITY_MODES, QualityMode
 from livefuse.stream.shared_encode import EncodedVideoTrack
 from livefuse.web import ice, tickets
 from livefuse.web.errors import ApiError, sdp_error
 from livefuse.web.peers import publisher_target
-from livefuse.web.service import NAME_PATTERN, Broadcast, LiveSession, close_peer
+from livefuse.web.service import (
+    NAME_PATTERN,
+    Broadcast,
+    LiveSession,
+    close_peer,
+    watch_ice_deadline,
+)
+from livefuse.web.sources import Source
 
 if TYPE_CHECKING:
     from livefuse.web.service import Service
@@ -238,9 +246,71 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
         target = publisher_target(service.capacity(), service.peers, name=name)
         if target is not None:
             return _redirect(service, request, target)
+    # Counted from the offer until its connection is up (or the ICE deadline ends it).
+    release_pending = service.pending_publishers.hold(
+        _client(request), retry_after_s=settings.ice_connect_timeout_s
+    )
+    with _released_on_error(release_pending):
+        session_id, session, pc, answer_sdp = await _open_whip_session(
+            service,
+            name=name,
+            quality=quality,
+            face_selection=cast(FaceSelection, face_selection),
+            source=source,
+            label=label,
+            direction=direction,
+            offer_sdp=offer_sdp,
+        )
+
+    @pc.on("connectionstatechange")
+    def on_state() -> None:
+        if pc.connectionState in ("failed", "closed"):
+            service.schedule_end(session_id, reason=f"publisher connection {pc.connectionState}")
+
+    watch_ice_deadline(
+        pc,
+        timeout_s=settings.ice_connect_timeout_s,
+        on_settled=release_pending,
+        on_timeout=lambda: service.schedule_end(
+            session_id, reason=f"not connected within {settings.ice_connect_timeout_s:g} s"
+        ),
+    )
+    location = _location(request, service, f"/whip/{session_id}")
+    log.info(
+        "event=session_start session=%s name=%s mode=%s source=%s quality=%s",
+        session_id,
+        name or "-",
+        session.mode,
+        source.id if source else "none",
+        quality,
+    )
+    return web.Response(
+        status=201,
+        text=answer_sdp,
+        content_type=SDP_TYPE,
+        headers={
+            "Location": location,
+            "ETag": etag_for(session_id),
+            **_ice_server_links(service),
+        },
+    )
+
+
+async def _open_whip_session(
+    service: Service,
+    *,
+    name: str | None,
+    quality: QualityMode,
+    face_selection: FaceSelection,
+    source: Source | None,
+    label: str | None,
+    direction: str,
+    offer_sdp: str,
+) -> tuple[str, LiveSession, RTCPeerConnection, str]:
+    """The publisher's session, its peer connection answered: (id, session, pc, answer)."""
     # A named stream: its broadcast (viewers, pushes) is the name's; 409 while live.
     async with service.opening_session(
-        name=name, quality=quality, face_selection=cast(FaceSelection, face_selection)
+        name=name, quality=quality, face_selection=face_selection
     ) as (session_id, stream, broadcast):
         stream.engine_session.source = source.face if source else None
         if label is not None:  # else the server's default (`label_default`)
@@ -271,31 +341,7 @@ async def whip_post(request: web.Request, service: Service) -> web.Response:
             mode="sendrecv" if direction == "sendrecv" else "sendonly",
         )
         service.add_session(session)
-
-    @pc.on("connectionstatechange")
-    def on_state() -> None:
-        if pc.connectionState in ("failed", "closed"):
-            service.schedule_end(session_id, reason=f"publisher connection {pc.connectionState}")
-
-    location = _location(request, service, f"/whip/{session_id}")
-    log.info(
-        "event=session_start session=%s name=%s mode=%s source=%s quality=%s",
-        session_id,
-        name or "-",
-        session.mode,
-        source.id if source else "none",
-        quality,
-    )
-    return web.Response(
-        status=201,
-        text=answer_sdp,
-        content_type=SDP_TYPE,
-        headers={
-            "Location": location,
-            "ETag": etag_for(session_id),
-            **_ice_server_links(service),
-        },
-    )
+    return session_id, session, pc, answer_sdp
 
 
 def _redirect(service: Service, request: web.Request, peer: str) -> web.Response:
@@ -320,6 +366,20 @@ def _location(request: web.Request, service: Service, path: str) -> str:
         return path
     base = service.settings.public_url or str(request.url.origin())
     return base.rstrip("/") + path
+
+
+def _client(request: web.Request) -> str:
+    """The address pending offers are counted by (behind a proxy: the proxy's)."""
+    return request.remote or "unknown"
+
+
+@contextlib.contextmanager
+def _released_on_error(release: Callable[[], None]) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        release()
+        raise
 
 
 def _ice_server_links(service: Service) -> dict[str, str]:
@@ -438,6 +498,9 @@ async def whep_post(request: web.Request, service: Service) -> web.Response:
             f"this stream already has its limit of {settings.max_viewers} viewers",
             headers={"Retry-After": "10"},
         )
+    release_pending = service.pending_viewers.hold(
+        _client(request), retry_after_s=settings.ice_connect_timeout_s
+    )
     pc = service.new_peer_connection()
     viewer_id = service.new_id()
     try:
@@ -449,9 +512,11 @@ async def whep_post(request: web.Request, service: Service) -> web.Response:
             send.append(broadcast.channel.audio_output())
         answer_sdp = await answer(pc, offer_sdp, video=broadcast.channel.video_output, send=send)
     except BaseException:
+        release_pending()
         await close_peer(pc)
         raise
     if broadcast.channel.closed:  # it ended while we negotiated
+        release_pending()
         await close_peer(pc)
         raise sdp_error(404, "unknown_stream", f"nothing is published as {key!r}")
     broadcast.viewers[viewer_id] = pc
@@ -463,6 +528,16 @@ async def whep_post(request: web.Request, service: Service) -> web.Response:
             task = asyncio.get_running_loop().create_task(service.end_viewer(key, viewer_id))
             service.keep(task)
 
+    def not_connected() -> None:
+        log.info("event=viewer_not_connected stream=%s viewer=%s", key, viewer_id)
+        service.keep(asyncio.get_running_loop().create_task(service.end_viewer(key, viewer_id)))
+
+    watch_ice_deadline(
+        pc,
+        timeout_s=settings.ice_connect_timeout_s,
+        on_settled=release_pending,
+        on_timeout=not_connected,
+    )
     return web.Response(
         status=201,
         text=answer_sdp,
