@@ -14,7 +14,9 @@ import contextlib
 import functools
 import http.server
 import io
+import multiprocessing
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -656,3 +658,88 @@ def test_ingest_of_a_file_and_of_hls_over_http(
                 await scenario(http_client, files)
 
     asyncio.run(main())
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and then never says a word (an overloaded
+    ingest): the port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(2)
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
+def test_a_push_to_a_server_that_never_answers_stalls_nothing(
+    server: LiveServer, rtmp: NginxRtmp, feed: EncodedFeed, source_bgr: np.ndarray
+) -> None:
+    """PyAV holds Python's lock while it connects an output: the push runs in a process
+    of its own, so the session keeps flowing and the API keeps answering."""
+    base = server.base
+
+    async def scenario(http: aiohttp.ClientSession, port: int) -> None:
+        source = await upload(http, base, source_bgr)
+        body = {"url": rtmp.url("in"), "source": source, "quality": "fast"}
+        ingest = await api(http, "POST", f"{base}/api/v1/ingests", body, expect=201)
+        url = f"{base}/api/v1/ingests/{ingest['id']}"
+
+        async def frames() -> int:
+            return int((await api(http, "GET", url, expect=200))["ingest"]["frames"])
+
+        await poll(lambda: _has_frames(frames, 30), within_s=30, what="the ingest is not live")
+        output = await api(
+            http,
+            "POST",
+            f"{base}/api/v1/sessions/{ingest['id']}/outputs",
+            {"url": f"rtmp://127.0.0.1:{port}/live/stalled"},
+            expect=201,
+        )
+        before = await frames()
+        await asyncio.sleep(3)  # the push is connecting to a server that never answers
+        after = await frames()
+        assert after > before + 30, (before, after)
+        state = await api(http, "GET", url, expect=200)
+        assert state["outputs"][0]["state"] in ("connecting", "retrying"), state["outputs"]
+        assert state["outputs"][0]["frames_sent"] == 0
+        await api(
+            http,
+            "DELETE",
+            f"{base}/api/v1/sessions/{ingest['id']}/outputs/{output['id']}",
+            expect=204,
+        )
+        await api(http, "DELETE", url, expect=204)
+
+    async def main() -> None:
+        with silent_server() as port, publishing(rtmp.url("in"), feed):
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+                await scenario(http, port)
+
+    asyncio.run(main())
+    leftover = [c.name for c in multiprocessing.active_children() if "push" in c.name]
+    assert not leftover, leftover
+
+
+async def _has_frames(frames: Callable[[], Awaitable[int]], count: int) -> bool:
+    return await frames() >= count
