@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -16,7 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from livefuse.engines.pipeline import FacePipeline
 from livefuse.settings import Settings
 from livefuse.stream.quality import QUALITY_MODES
-from livefuse.web import auth, http_limits, ice, pages, relay_api, tickets, webrtc
+from livefuse.web import auth, http_limits, ice, pages, peer_tasks, relay_api, tickets, webrtc
 from livefuse.web import metrics as metrics_module
 from livefuse.web import sources as sources_module
 from livefuse.web.errors import ApiError, json_error, sdp_error
@@ -338,6 +339,7 @@ def create_app(settings: Settings, *, face_pipeline: FacePipeline | None = None)
     app[SERVICE_KEY] = service
 
     async def start(_: web.Application) -> None:
+        peer_tasks.quiet_aborted_connects(asyncio.get_running_loop())
         await service.start()
 
     async def stop(_: web.Application) -> None:

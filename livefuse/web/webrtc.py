@@ -104,7 +104,7 @@ def parse_offer(text: str) -> SessionDescription:
     bundle = next((g.items for g in description.group if g.semantic == "BUNDLE"), None)
     mids: set[str] = set()
     for section in media:
-        mid = section.rtp.muxId
+        mid = section.rtp.muxId or ""
         if not _MID.fullmatch(mid):
             raise sdp_error(
                 400,
