@@ -848,6 +848,9 @@ class FrameEngine:
         if job.failure is None:
             job.stages_ms["swap"] = swap_ms
             output = session._finish(job)
+            # Through every stage it went: reading the pixels, tracking, and the swap
+            # only when it had faces swapped.
+            self.health.succeeded("to_array")
             self.health.succeeded("track")
             if job.swapped_ids:
                 self.health.succeeded("swap")

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import aiohttp
 import cv2
@@ -422,3 +423,34 @@ def test_offer_that_never_connects_loses_its_slot(settings: Settings, frame: np.
                 await peer.close()
 
         run(scenario)
+
+
+# -- item 4: failures are loud -------------------------------------------------------------
+
+
+def test_readyz_is_503_while_a_stage_fails_on_every_frame(server: LiveServer) -> None:
+    """Was: /readyz 200 while every frame passed through unswapped. Frames the server's
+    own engine cannot read (one channel) fail in its first stage, frame after frame."""
+    engine = server.service.engine
+    assert engine is not None
+    session = engine.open_session()
+
+    async def readyz(http: aiohttp.ClientSession) -> tuple[int, str]:
+        async with http.get(server.base + "/readyz") as response:
+            return response.status, await response.text()
+
+    try:
+        for index in range(engine.health.threshold):
+            session.process(np.full((90, 160), 70, np.uint8), timestamp=index / 30)
+        status, text = asyncio.run(_with_http(readyz))
+        assert status == 503 and "to_array" in text, (status, text)
+        session.process(np.full((90, 160, 3), 70, np.uint8), timestamp=1.0)
+        status, text = asyncio.run(_with_http(readyz))
+        assert status == 200, (status, text)
+    finally:
+        session.close()
+
+
+async def _with_http(call: Callable[[aiohttp.ClientSession], Awaitable[tuple[int, str]]]) -> Any:
+    async with aiohttp.ClientSession() as http:
+        return await call(http)
