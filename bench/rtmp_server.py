@@ -68,6 +68,13 @@ class NginxRtmp:
         return f"rtmp://127.0.0.1:{self.port}/live/{name}"
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # not left running when it did not come up in time
+            raise
+
+    def _start(self) -> None:
         config = self.root / "nginx.conf"
         config.write_text(_CONFIG.format(module=RTMP_MODULE, root=self.root, port=self.port))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"

@@ -125,7 +125,19 @@ async def _relay(
         await push.close()
         await session.close()
         status.done(session, ingest, push)
-    return EXIT_OK if ingest.state in ("ended", "closed") else EXIT_FAILURE
+    pushed = push.stats()
+    if ingest.frames and pushed.frames_sent:
+        return EXIT_OK
+    # Nothing went through: say why, and let a script see it in the exit status.
+    _say(
+        "nothing was relayed: "
+        + (
+            f"the input gave no frame ({ingest.last_error or 'none came'})"
+            if not ingest.frames
+            else f"the output took no frame ({pushed.last_error or 'it never connected'})"
+        )
+    )
+    return EXIT_FAILURE
 
 
 class _StatusLine:

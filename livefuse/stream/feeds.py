@@ -84,3 +84,9 @@ class Backoff:
 
     def ok(self) -> None:
         self._next_s = 0.0
+
+
+def error_text(error: BaseException, url: str) -> str:
+    """An error in words, without the URL FFmpeg puts in its messages (credentials,
+    tokens, stream keys): it goes to stats, logs and status lines."""
+    return f"{type(error).__name__}: {error}".replace(url, redact(url))

@@ -26,7 +26,14 @@ from typing import Any, Literal
 import av
 
 from livefuse.stream.engine import EngineClosed
-from livefuse.stream.feeds import INGEST_SCHEMES, Backoff, check_url, is_live, redact
+from livefuse.stream.feeds import (
+    INGEST_SCHEMES,
+    Backoff,
+    check_url,
+    error_text,
+    is_live,
+    redact,
+)
 from livefuse.stream.session import StreamSession
 from livefuse.stream.tracks import InputStamp
 
@@ -36,14 +43,30 @@ IngestState = Literal["connecting", "live", "retrying", "ended", "closed"]
 _OPEN_TIMEOUT_S = 10.0
 _READ_TIMEOUT_S = 5.0
 """A feed silent this long counts as dropped (and is reconnected, when live)."""
+_FILE_ATTEMPTS = 3
+"""Tries at a file (not a live feed) before its session is ended."""
 _BEHIND_S = 0.5
 """A frame due this long ago re-anchors the clock: the feed stalled and came back."""
+
+
+_PROTOCOLS = {
+    "rtmp": "rtmp,tcp",
+    "rtmps": "rtmps,tcp,tls",
+    "rtsp": "rtsp,tcp,udp,rtp",
+    "rtsps": "rtsps,tcp,tls,udp,rtp",
+    "http": "http,https,tcp,tls,crypto",
+    "https": "http,https,tcp,tls,crypto",
+    "srt": "srt,udp",
+}
 
 
 def _input_options(scheme: str) -> dict[str, str]:
     # Start fast and hold no more than FFmpeg needs: probing a live feed for the default
     # 5 s would add 5 s to everyone's delay.
     options = {"fflags": "nobuffer", "analyzeduration": "1000000", "probesize": "1000000"}
+    # Only the protocols the scheme needs: an HLS playlist may name any URL, and must
+    # not make FFmpeg read a local file or speak another protocol for whoever wrote it.
+    options["protocol_whitelist"] = _PROTOCOLS[scheme]
     if scheme in ("rtsp", "rtsps"):
         options["rtsp_transport"] = "tcp"  # no UDP port games behind NAT or in a pod
     if scheme in ("rtmp", "rtmps"):
@@ -120,16 +143,30 @@ class Ingest:
         log.info("event=ingest_start session=%s url=%s", self._session.id, self.shown_url)
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
             try:
                 ended = self._read_once()
-            except (av.error.FFmpegError, OSError, ValueError) as error:
-                self.last_error = f"{type(error).__name__}: {error}"
-                ended = False
             except EngineClosed:
                 break
+            except Exception as error:  # FFmpeg, the network, a feed it cannot take
+                self.last_error = error_text(error, self.url)
+                ended = False
+                failures += 1
             if self._stop.is_set():
                 break
+            if not self.live and failures >= _FILE_ATTEMPTS:
+                # A file that cannot be read is not coming back: the session ends.
+                self.state = "ended"
+                log.warning(
+                    "event=ingest_failed session=%s url=%s error=%r",
+                    self._session.id,
+                    self.shown_url,
+                    self.last_error,
+                )
+                if self._on_end is not None:
+                    self._on_end(self)
+                return
             if ended and not self.live:
                 self.state = "ended"
                 log.info("event=ingest_ended session=%s frames=%d", self._session.id, self.frames)

@@ -39,7 +39,7 @@ import numpy as np
 from livefuse.stream.audio import AUDIO_RATE
 from livefuse.stream.channel import Channel
 from livefuse.stream.codecs import H264_PRESET
-from livefuse.stream.feeds import PUSH_SCHEMES, Backoff, check_url, redact
+from livefuse.stream.feeds import PUSH_SCHEMES, Backoff, check_url, error_text, redact
 from livefuse.stream.tracks import OutputFrame
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ class _Writer:
             try:
                 self._connect_and_write()
             except Exception as error:  # FFmpeg, the network, a frame it cannot take
-                self.last_error = _error_text(error, self.url, self.shown_url)
+                self.last_error = error_text(error, self.url)
                 if self._stop.is_set():
                     break
                 self.state = "retrying"
@@ -484,11 +484,6 @@ def _child_main(
         shm.close()
 
 
-def _error_text(error: BaseException, url: str, shown_url: str) -> str:
-    """An error in words without the URL FFmpeg puts in it (credentials, stream key)."""
-    return f"{type(error).__name__}: {error}".replace(url, shown_url)
-
-
 # -- the parent's side ---------------------------------------------------------------------
 
 
@@ -576,7 +571,7 @@ class PushOutput:
             try:
                 pending = self._serve_child(frame.width, frame.height, first=pending)
             except Exception as error:  # the child died, hung or could not start
-                self.last_error = _error_text(error, self.url, self.shown_url)
+                self.last_error = error_text(error, self.url)
                 pending = None
             self._end_child()
             if self._stop.is_set():

@@ -132,6 +132,7 @@ def _auth(settings: Settings) -> Any:
     whose scope does not cover the request."""
     tokens = auth.Tokens(settings)
     ticket_key = tickets.ticket_key(settings)
+    ticket_book = tickets.TicketBook(ticket_key) if ticket_key is not None else None
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -148,10 +149,10 @@ def _auth(settings: Settings) -> Any:
         if (
             scope is None
             and ticket is not None
-            and ticket_key is not None
+            and ticket_book is not None
             and request.method == "POST"
             and _is_sdp_path(request.path)
-            and tickets.is_valid(ticket_key, ticket, request.method, request.path)
+            and ticket_book.accept(ticket, request.method, request.path)
         ):
             # A peer redirected this offer here after checking its token (web/tickets.py).
             return await handler(request)

@@ -201,7 +201,9 @@ def publisher_target(own: Capacity, peers: PeerSet, *, name: str | None) -> str 
     stay. A named stream held by a peer goes there (its viewers are there); otherwise a
     full node sends it to the peer with most room, and so does one that a peer beats by
     more than one session of headroom (spreading publishers across the nodes)."""
-    if name is not None and name not in own.streams:
+    if name is not None and name in own.streams:
+        return None  # its viewers and pushes are here: full, it is 503 here, not elsewhere
+    if name is not None:
         holder = peers.holder_of(name)
         if holder is not None:
             return holder

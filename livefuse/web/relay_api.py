@@ -24,7 +24,7 @@ from livefuse.engines.pipeline import FaceSelection
 from livefuse.stream.feeds import INGEST_SCHEMES, PUSH_SCHEMES, FeedUrlError, check_url
 from livefuse.stream.quality import QUALITY_MODES, QualityMode
 from livefuse.web.errors import ApiError, json_error
-from livefuse.web.service import NAME_PATTERN, Broadcast, LiveSession, Service
+from livefuse.web.service import NAME_PATTERN, Broadcast, EndedError, LiveSession, Service
 
 _MAX_BODY = 16 * 1024
 _FACE_SELECTIONS = ("all", "largest")
@@ -130,8 +130,8 @@ async def ingest_delete(request: web.Request, service: Service) -> web.Response:
 
 
 def _broadcast_or_404(service: Service, key: str) -> Broadcast:
-    broadcast = service.find_broadcast(key)
-    if broadcast is None or broadcast.channel.closed:
+    broadcast = service.live_broadcast(key)
+    if broadcast is None:
         raise json_error(404, "unknown_stream", f"no live session or named stream {key!r}")
     return broadcast
 
@@ -150,7 +150,12 @@ async def output_post(request: web.Request, service: Service) -> web.Response:
             "too_many_outputs",
             f"this stream already pushes to its limit of {service.settings.max_outputs} outputs",
         )
-    output = await service.add_output(broadcast, url=url, bitrate_kbps=bitrate)
+    try:
+        output = await service.add_output(broadcast, url=url, bitrate_kbps=bitrate)
+    except EndedError as error:
+        raise json_error(
+            404, "unknown_stream", f"no live session or named stream {key!r}"
+        ) from error
     return web.json_response(
         output.stats().as_dict(),
         status=201,

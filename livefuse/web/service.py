@@ -54,6 +54,10 @@ RETRY_AFTER_BUSY_S = 10
 RETRY_AFTER_STARTING_S = 5
 
 
+class EndedError(RuntimeError):
+    """The stream a request named ended while it was being handled."""
+
+
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """A stream name: what goes in /whip/NAME, /whep/NAME and /watch/NAME."""
 
@@ -70,12 +74,15 @@ class Broadcast:
     viewers: dict[str, RTCPeerConnection] = field(default_factory=dict)
     outputs: dict[str, PushOutput] = field(default_factory=dict)
     publisher: str | None = None
+    claimed: bool = False
+    """A new publisher is being set up on it (from its claim to `add_session`): a second
+    one gets 409, and the name is not let go meanwhile."""
     whip_relay: WhipRelay | None = None
     """The re-publication to a media server (`--relay-whip`), while there is one."""
 
     @property
     def idle(self) -> bool:
-        return self.publisher is None and not self.viewers and not self.outputs
+        return self.publisher is None and not self.claimed and not self.viewers and not self.outputs
 
     def outputs_dict(self) -> list[dict[str, Any]]:
         return [output.stats().as_dict() for output in self.outputs.values()]
@@ -352,17 +359,19 @@ class Service:
                 key=name, channel=Channel(loop=asyncio.get_running_loop(), name=name), named=True
             )
             self.broadcasts[name] = broadcast
-            return broadcast
         current = self.sessions.get(broadcast.publisher) if broadcast.publisher else None
+        silent_s = time.monotonic() - current.stream.last_input if current else 0.0
+        if broadcast.claimed or (current and silent_s < self.settings.publisher_gone_s):
+            raise sdp_error(
+                409,
+                "name_in_use",
+                f"the stream {name!r} is live from another publisher; end that one first "
+                "(DELETE its session) or publish under another name",
+            )
+        # Claimed before any await: a second publisher arriving meanwhile gets 409, and
+        # ending the silent one below does not let the name go.
+        broadcast.claimed = True
         if current is not None:
-            silent_s = time.monotonic() - current.stream.last_input
-            if silent_s < self.settings.publisher_gone_s:
-                raise sdp_error(
-                    409,
-                    "name_in_use",
-                    f"the stream {name!r} is live from another publisher; end that one first "
-                    "(DELETE its session) or publish under another name",
-                )
             await self.end_session(current.id, reason=f"replaced after {silent_s:.0f} s silent")
         return broadcast
 
@@ -439,6 +448,7 @@ class Service:
             if stream is not None:
                 await stream.close()
             if broadcast is not None:
+                broadcast.claimed = False
                 await self.forget_if_idle(broadcast)
             raise
         finally:
@@ -446,9 +456,19 @@ class Service:
                 self.release_reservation()
 
     def add_session(self, session: LiveSession) -> None:
+        """Make a session set up in `opening_session` live (503 if the service began
+        shutting down meanwhile: its engine is going)."""
+        if self._stopping:
+            raise sdp_error(
+                503,
+                "shutting_down",
+                "the server is shutting down",
+                headers={"Retry-After": str(RETRY_AFTER_STARTING_S)},
+            )
         self.sessions[session.id] = session
         broadcast = session.broadcast
         broadcast.publisher = session.id
+        broadcast.claimed = False
         self.metrics.sessions_started.inc()
         if self.settings.relay_whip is not None and broadcast.whip_relay is None:
             broadcast.whip_relay = WhipRelay(
@@ -459,8 +479,16 @@ class Service:
             )
             broadcast.whip_relay.start()
 
+    def live_broadcast(self, key: str) -> Broadcast | None:
+        """A named stream or a live session's broadcast, unless it has ended."""
+        broadcast = self.find_broadcast(key)
+        return None if broadcast is None or broadcast.channel.closed else broadcast
+
     async def add_output(self, broadcast: Broadcast, *, url: str, bitrate_kbps: int) -> PushOutput:
-        """Start pushing `broadcast` to an RTMP(S) URL (FeedUrlError for one it cannot)."""
+        """Start pushing `broadcast` to an RTMP(S) URL (FeedUrlError for one it cannot;
+        EndedError if the stream ended while the request was read)."""
+        if self.live_broadcast(broadcast.key) is not broadcast:
+            raise EndedError(f"{broadcast.key!r} ended")
         output = PushOutput(
             output_id=self.new_id(),
             url=url,

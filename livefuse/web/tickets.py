@@ -6,7 +6,8 @@ redirect (libcurl, which OBS's WHIP output uses, drops it since 7.58; aiohttp to
 node that checked the token signs the redirect: the peer's URL gets a `ticket` query
 parameter, an HMAC over the method, the path and an expiry 30 s away, keyed by the
 tokens every node of the service shares. The peer takes a valid ticket for that one
-request (WHIP or WHEP) in place of the header.
+request (WHIP or WHEP) in place of the header, once: a ticket seen in a log or a URL bar
+is spent.
 """
 
 from __future__ import annotations
@@ -42,3 +43,20 @@ def is_valid(key: bytes, ticket: str, method: str, path: str) -> bool:
     if not expiry_text.isdigit() or int(expiry_text) < time.time():
         return False
     return hmac.compare_digest(mac, _mac(key, method, path, int(expiry_text)))
+
+
+class TicketBook:
+    """The tickets this node has taken, kept until they expire: each is good once."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self._spent: dict[str, float] = {}
+
+    def accept(self, ticket: str, method: str, path: str) -> bool:
+        now = time.time()
+        for old in [t for t, expiry in self._spent.items() if expiry < now]:
+            del self._spent[old]
+        if ticket in self._spent or not is_valid(self._key, ticket, method, path):
+            return False
+        self._spent[ticket] = now + TICKET_TTL_S + 1
+        return True

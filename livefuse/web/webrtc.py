@@ -329,18 +329,18 @@ async def _open_whip_session(
             # audio is not echoed back to it.
             video = stream.video_output if direction == "sendrecv" else None
             answer_sdp = await answer(pc, offer_sdp, video=video)
+            session = LiveSession(
+                id=session_id,
+                stream=stream,
+                broadcast=broadcast,
+                pc=pc,
+                source=source,
+                mode="sendrecv" if direction == "sendrecv" else "sendonly",
+            )
+            service.add_session(session)
         except BaseException:
             await close_peer(pc)
             raise
-        session = LiveSession(
-            id=session_id,
-            stream=stream,
-            broadcast=broadcast,
-            pc=pc,
-            source=source,
-            mode="sendrecv" if direction == "sendrecv" else "sendonly",
-        )
-        service.add_session(session)
     return session_id, session, pc, answer_sdp
 
 
@@ -551,8 +551,8 @@ async def whep_post(request: web.Request, service: Service) -> web.Response:
 
 
 def _broadcast_or_404(service: Service, key: str) -> Broadcast:
-    broadcast = service.find_broadcast(key)
-    if broadcast is None or broadcast.channel.closed:
+    broadcast = service.live_broadcast(key)
+    if broadcast is None:
         raise sdp_error(
             404,
             "unknown_stream",

@@ -24,7 +24,7 @@ import aiohttp
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 
 from livefuse.stream.channel import Channel
-from livefuse.stream.feeds import Backoff, redact
+from livefuse.stream.feeds import Backoff, error_text, redact
 from livefuse.stream.shared_encode import EncodedVideoTrack
 
 log = logging.getLogger("livefuse.whip_client")
@@ -80,8 +80,8 @@ class WhipRelay:
                 self.attempts += 1
                 try:
                     await self._publish_once(http)
-                except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-                    self.last_error = f"{type(error).__name__}: {error}"
+                except Exception as error:  # refused, unreachable, an answer aiortc rejects
+                    self.last_error = error_text(error, self.url)
                 if self._closing.is_set():
                     break
                 self.state = "retrying"

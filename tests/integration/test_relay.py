@@ -31,6 +31,7 @@ import av
 import cv2
 import numpy as np
 import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 from bench.relay_av import EncodedFeed, Playback, Publisher, beep_onsets, encode_feed
 from bench.rtmp_server import NginxRtmp, nginx_rtmp, nginx_rtmp_missing
@@ -92,6 +93,8 @@ def server(settings: Settings) -> Iterator[LiveServer]:
             "max_sessions": 3,
             "idle_timeout_s": 3.0,
             "publisher_gone_s": 1.5,
+            # Several offers from this one address at once (the name race below).
+            "max_pending_publishers_per_address": 8,
         }
     )
     with live_server(configured) as live:
@@ -239,6 +242,12 @@ def test_relay_command_refuses_what_it_cannot_use(hanks_path: Path) -> None:
     assert ftp.returncode == 2 and "unsupported scheme 'ftp'" in ftp.stderr, ftp.stderr
     out = relay("--input", "rtmp://h/a/k", "--source", str(hanks_path), "--output", "http://h/x")
     assert out.returncode == 2 and "unsupported scheme 'http'" in out.stderr, out.stderr
+    unreachable = relay(
+        "--input", "rtmp://127.0.0.1:9/live/none", "--source", str(hanks_path),
+        "--output", "rtmp://127.0.0.1:9/live/out", "--seconds", "2",
+    )  # fmt: skip
+    assert unreachable.returncode == 1, unreachable.stderr
+    assert "nothing was relayed: the input gave no frame" in unreachable.stderr
     missing = relay(
         "--input", "rtmp://h/a/k", "--source", "/nonexistent.png", "--output", "rtmp://h/a/k"
     )
@@ -381,6 +390,7 @@ def test_ingest_and_output_refuse_bad_input(server: LiveServer) -> None:
 
         state = await poll(retrying, within_s=30, what="the unreachable ingest did not retry")
         assert state["ingest"]["last_error"], state
+        assert "nothing" not in state["ingest"]["last_error"], "the stream key shows"
         output_url = f"{base}/api/v1/sessions/{ingest['id']}/outputs"
         await api(http, "POST", output_url, {"url": "https://example.com/x"}, expect=422)
         await api(http, "POST", output_url, {"url": "rtmp://h/a", "bitrate_kbps": 5}, expect=422)
@@ -743,3 +753,59 @@ def test_a_push_to_a_server_that_never_answers_stalls_nothing(
 
 async def _has_frames(frames: Callable[[], Awaitable[int]], count: int) -> bool:
     return await frames() >= count
+
+
+def test_a_silent_publisher_with_no_audience_is_replaced_on_a_live_stream(
+    server: LiveServer, target_photo: np.ndarray
+) -> None:
+    """The name's first publisher vanishes with nobody watching; the next one takes the
+    name over, and a viewer who comes then sees it (the stream did not die with the
+    first). Two offers racing for the name: one gets it, the other 409."""
+    base = server.base
+    frame = cv2.resize(target_photo, (640, 360))
+
+    async def scenario(http: aiohttp.ClientSession) -> None:
+        first = await publish(http, base, [frame], token=TOKEN, direction="sendonly", name="solo")
+        assert first.track is not None
+        await asyncio.sleep(1.0)
+        first.track.pause()
+
+        async def second_accepted() -> Peer | None:
+            try:
+                return await publish(
+                    http, base, [frame], token=TOKEN, direction="sendonly", name="solo"
+                )
+            except AssertionError as refused:
+                assert " 409 " in str(refused), refused
+                return None
+
+        second = await poll(second_accepted, within_s=20, what="the silent one was not replaced")
+        viewer = await watch(http, base, "solo", token=TOKEN)
+        await viewer.wait_frames(10)
+
+        async def offer() -> int:
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.addTransceiver("video", direction="sendonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            async with http.post(
+                f"{base}/whip/race",
+                data=pc.localDescription.sdp,
+                headers={"Content-Type": "application/sdp", **AUTH},
+            ) as response:
+                status = response.status
+                if status == 201:
+                    async with http.delete(
+                        base + response.headers["Location"], headers=AUTH
+                    ) as ended:
+                        assert ended.status == 200
+            await pc.close()
+            return status
+
+        assert sorted(await asyncio.gather(offer(), offer())) == [201, 409]
+        for peer in (second, viewer):
+            async with http.delete(base + peer.location, headers=AUTH) as response:
+                assert response.status == 200
+            await peer.close()
+        await first.close()
+
+    run(scenario)

@@ -29,3 +29,12 @@ def test_tickets_expire_and_are_not_needed_without_tokens() -> None:
     stale = tickets.issue(key, "POST", "/whip", now=time.time() - tickets.TICKET_TTL_S - 1)
     assert not tickets.is_valid(key, stale, "POST", "/whip")
     assert tickets.ticket_key(Settings()) is None
+
+
+def test_a_ticket_is_taken_once() -> None:
+    key = tickets.ticket_key(Settings(token="admin-token"))
+    assert key is not None
+    book = tickets.TicketBook(key)
+    ticket = tickets.issue(key, "POST", "/whip")
+    assert book.accept(ticket, "POST", "/whip")
+    assert not book.accept(ticket, "POST", "/whip")
