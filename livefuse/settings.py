@@ -124,6 +124,11 @@ class Settings(BaseSettings):
     429 with Retry-After (one address cannot hold every slot with offers that never
     connect). Behind a reverse proxy every client shares the proxy's address."""
 
+    heap_trim_interval_s: float = Field(default=60.0, ge=0)
+    """How often the C heap's free pages are handed back to the system (glibc's
+    malloc_trim, stream/heap.py), so RSS neither creeps up over long sessions nor stays
+    up after they end. 0: never."""
+
     max_pending_viewers_per_address: int = Field(default=4, ge=1)
     """WHEP offers from one client address whose connection is not up yet (several
     OBS browser sources start at once); one more is 429 with Retry-After."""

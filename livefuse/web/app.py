@@ -17,7 +17,17 @@ from aiohttp.http_exceptions import HttpProcessingError
 from livefuse.engines.pipeline import FacePipeline
 from livefuse.settings import Settings
 from livefuse.stream.quality import QUALITY_MODES
-from livefuse.web import auth, http_limits, ice, pages, peer_tasks, relay_api, tickets, webrtc
+from livefuse.web import (
+    auth,
+    housekeeping,
+    http_limits,
+    ice,
+    pages,
+    peer_tasks,
+    relay_api,
+    tickets,
+    webrtc,
+)
 from livefuse.web import metrics as metrics_module
 from livefuse.web import sources as sources_module
 from livefuse.web.errors import ApiError, json_error, sdp_error
@@ -348,6 +358,7 @@ def create_app(settings: Settings, *, face_pipeline: FacePipeline | None = None)
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
+    app.cleanup_ctx.append(housekeeping.heap_trimmer(settings.heap_trim_interval_s))
     if settings.metrics_port is not None:
         app.cleanup_ctx.append(
             metrics_module.scrape_listener(
