@@ -497,8 +497,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.summarize is not None:
         samples = read_samples(args.summarize)
-        soak = [s for s in samples if s.phase == "soak"]
-        soak_s = soak[-1].t_s - soak[0].t_s if len(soak) > 1 else 0.0
+        soaked = [s for s in samples if s.phase == "soak"]
+        soak_s = soaked[-1].t_s - soaked[0].t_s if len(soaked) > 1 else 0.0
         summary = summarize(samples, warmup_minutes=args.warmup_minutes, soak_s=soak_s)
         print(json.dumps(summary, indent=1))
         return
