@@ -22,6 +22,17 @@ _INGEST_STATES: tuple[IngestState, ...] = ("connecting", "live", "retrying", "en
 _PUSH_STATES: tuple[PushState, ...] = ("connecting", "live", "retrying", "closed")
 
 
+def _by_state(
+    name: str, documentation: str, states: tuple[str, ...], seen: list[str]
+) -> GaugeMetricFamily:
+    """A gauge with a series per state (0 included, so a dashboard sees each one)."""
+    family = GaugeMetricFamily(name, documentation, labels=["state"])
+    counts = Counter(seen)
+    for state in states:
+        family.add_metric([state], counts[state])
+    return family
+
+
 class RelayCollector(Collector):
     def __init__(self, service: Callable[[], Service]) -> None:
         self._service = service
@@ -55,11 +66,9 @@ class RelayCollector(Collector):
             value=len(service.broadcasts),
         )
         ingests = [s.ingest.stats() for s in service.sessions.values() if s.ingest is not None]
-        by_state = GaugeMetricFamily("livefuse_ingests", "Pull ingests by state", labels=["state"])
-        counts = Counter(i.state for i in ingests)
-        for state in _INGEST_STATES:
-            by_state.add_metric([state], counts[state])
-        yield by_state
+        yield _by_state(
+            "livefuse_ingests", "Pull ingests by state", _INGEST_STATES, [i.state for i in ingests]
+        )
         yield GaugeMetricFamily(
             "livefuse_ingest_reconnects",
             "Reconnects of the running ingests, summed",
@@ -68,11 +77,9 @@ class RelayCollector(Collector):
         broadcasts = {id(s.broadcast): s.broadcast for s in service.sessions.values()}
         broadcasts.update({id(b): b for b in service.broadcasts.values()})
         pushes = [o.stats() for b in broadcasts.values() for o in b.outputs.values()]
-        outputs = GaugeMetricFamily("livefuse_outputs", "RTMP pushes by state", labels=["state"])
-        counts = Counter(p.state for p in pushes)
-        for push_state in _PUSH_STATES:
-            outputs.add_metric([push_state], counts[push_state])
-        yield outputs
+        yield _by_state(
+            "livefuse_outputs", "RTMP pushes by state", _PUSH_STATES, [p.state for p in pushes]
+        )
         yield GaugeMetricFamily(
             "livefuse_output_bitrate_kbps",
             "Bitrate of the running pushes, summed",

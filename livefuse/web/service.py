@@ -282,8 +282,7 @@ class Service:
             )
         return self.face_pipeline
 
-    def reserve_session(self) -> None:
-        """Count a session being set up against the limit, or refuse with 503."""
+    def _refuse_if_stopping(self) -> None:
         if self._stopping:
             raise sdp_error(
                 503,
@@ -291,6 +290,10 @@ class Service:
                 "the server is shutting down",
                 headers={"Retry-After": str(RETRY_AFTER_STARTING_S)},
             )
+
+    def reserve_session(self) -> None:
+        """Count a session being set up against the limit, or refuse with 503."""
+        self._refuse_if_stopping()
         if len(self.sessions) + self._starting >= self.settings.max_sessions:
             self.metrics.refused.labels(reason="capacity").inc()
             raise sdp_error(
@@ -458,13 +461,7 @@ class Service:
     def add_session(self, session: LiveSession) -> None:
         """Make a session set up in `opening_session` live (503 if the service began
         shutting down meanwhile: its engine is going)."""
-        if self._stopping:
-            raise sdp_error(
-                503,
-                "shutting_down",
-                "the server is shutting down",
-                headers={"Retry-After": str(RETRY_AFTER_STARTING_S)},
-            )
+        self._refuse_if_stopping()
         self.sessions[session.id] = session
         broadcast = session.broadcast
         broadcast.publisher = session.id
