@@ -197,7 +197,10 @@ class _FlvWriter:
         video.time_base = _MS
         if media_time >= self.next_keyframe:
             video.pict_type = av.video.frame.PictureType.I
-            self.next_keyframe = media_time + keyframe_every_s
+            # On a fixed grid from the first frame: a late frame makes one keyframe late,
+            # not every one after it.
+            while self.next_keyframe <= media_time:
+                self.next_keyframe += keyframe_every_s
         return self._mux(self.video.encode(video))
 
     def write_audio(self, frame: av.AudioFrame) -> int:

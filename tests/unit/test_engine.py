@@ -179,9 +179,12 @@ def test_a_fast_session_does_not_starve_a_slow_one(
         feed_together([(fast, fast_frames, 60.0), (slow, slow_frames, 30.0)])
         time.sleep(0.5)
         # The fast one is fed faster than a frame cycle: it loses frames to its own newer
-        # ones; the slow one, served every cycle, keeps nearly all of its own.
+        # ones; the slow one, served every cycle, keeps most of its own, and a larger
+        # share than the fast one (relative, so a machine busy with other work, which
+        # lengthens every cycle, does not decide it).
         kept = len(slow_out.outputs) / len(slow_frames)
-        assert kept >= 0.95, (kept, slow.dropped, len(fast_out.outputs), fast.dropped)
+        fast_kept = len(fast_out.outputs) / len(fast_frames)
+        assert kept >= 0.8 and kept > fast_kept, (kept, slow.dropped, fast_kept, fast.dropped)
         assert len(fast_out.outputs) > 0
         assert [o.tag for o in slow_out.outputs] == sorted(o.tag for o in slow_out.outputs)
     finally:
