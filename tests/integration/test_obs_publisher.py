@@ -177,9 +177,11 @@ def test_a_publisher_starting_between_keyframes_gets_one_pli_a_second_and_one_lo
                 async with http.delete(f"{server.base}/whip/{session_id}"):
                     pass
         undecodable = KEYFRAME_INTERVAL - STARTS_AT
-        # Every undecodable frame was counted, and asked a keyframe for...
+        # Every undecodable frame was counted, and most asked aiortc for a keyframe (how
+        # many depends on how its receive loop groups them on a busy machine)...
         assert video_in["undecodable_frames"] >= undecodable * 0.9, video_in
-        assert video_in["pli_requested"] >= video_in["undecodable_frames"] * 0.9, video_in
+        assert video_in["pli_requested"] >= video_in["undecodable_frames"] * 0.5, video_in
+        assert video_in["pli_requested"] > 3 * video_in["pli_sent"], video_in
         # ...but the publisher heard one PLI a second at most (it ignores them all).
         # (+2: the first goes at once, one more may arrive while the test closes.)
         assert 1 <= len(plis) <= math.ceil(elapsed / PLI_INTERVAL_S) + 2, (plis, elapsed)
